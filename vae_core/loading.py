@@ -1,0 +1,229 @@
+"""Reading weights from every supported source and building the right family.
+
+Sources: a weights file, a diffusers folder, a TAESD encoder/decoder pair (tuple or folder), a state dict,
+or ``hf:<repo_id>[/<subfolder or file>][@<revision>]`` through huggingface_hub.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .errors import VAEError
+
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+FAMILIES = ("asym", "kl", "dc", "tiny")  # detection order: asym before kl (asym weights contain a KL encoder)
+CLASS_TO_FAMILY = {
+    "AutoencoderKL": "kl",
+    "AsymmetricAutoencoderKL": "asym",
+    "AutoencoderDC": "dc",
+    "AutoencoderTiny": "tiny",
+}
+_CONTAINERS = ("state_dict", "model", "module", "model_state_dict", "ema")
+_PREFIXES = ("first_stage_model.", "vae.", "model.vae.")
+
+
+def family_module(name: str):
+    if name not in FAMILIES:
+        raise VAEError(f"unknown VAE family {name!r}: use one of {', '.join(FAMILIES)} (or None to detect it)")
+    return importlib.import_module(f".{name}", __package__)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read one weights file -> (tensors, metadata). Pickles load with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise VAEError(f"VAE file not found: {path}")
+    if path.stat().st_size == 0:
+        raise VAEError(f"{path.name} is empty (0 bytes): the download or copy did not finish; fetch the file again")
+    suffix = path.suffix.lower()
+    if suffix in (".safetensors", ".sft"):
+        return _read_safetensors(path)
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return _read_pickle(path), {}
+    raise VAEError(
+        f"{path.name}: unknown weights format {suffix!r}; expected one of {', '.join(WEIGHT_SUFFIXES)} "
+        "or a diffusers folder with config.json"
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise VAEError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {e}. "
+                       "Download it again") from None
+
+
+def _read_pickle(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise VAEError(
+            f"{path.name} was refused: it is a pickle that asks to run code or build objects other than tensors "
+            f"(loaded with weights_only=True, nothing was executed). Convert it to .safetensors from a source you "
+            f"trust. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise VAEError(f"{path.name} is not a readable torch checkpoint (truncated or corrupt?): "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. Download it again") from None
+    if not isinstance(obj, Mapping):
+        raise VAEError(f"{path.name} holds a {type(obj).__name__}, not a state dict of tensors")
+    return dict(obj)
+
+
+def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Unwrap ``state_dict``/``model``/``module`` containers (as .ckpt files have them) and keep the tensors."""
+    for _ in range(3):
+        inner = next((obj[c] for c in _CONTAINERS if isinstance(obj.get(c), Mapping)), None)
+        if inner is None or sum(isinstance(v, torch.Tensor) for v in obj.values()) > 8:
+            break
+        obj = inner
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_vae_prefix(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Full checkpoints keep the VAE under ``first_stage_model.`` or ``vae.``. Returns (vae dict, companion summary)."""
+    for prefix in _PREFIXES:
+        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if any(k.startswith(("encoder.", "decoder.")) for k in part):
+            companions = {k.split(".", 3)[min(2, k.count("."))] for k in sd if not k.startswith(prefix)}
+            tops = {".".join(k.split(".")[:3]) for k in sd if not k.startswith(prefix)}
+            return part, " ".join(sorted(companions | tops))
+    return sd, ""
+
+
+# ------------------------------------------------------------------------------------------------ hub
+_HF = re.compile(r"^hf:(?P<repo>[^/@\s]+/[^/@\s]+)(?:/(?P<sub>[^@\s]+?))?/?(?:@(?P<rev>[^\s]+))?$")
+
+
+def resolve_hub(spec: str) -> Path:
+    """``hf:owner/name[/subfolder-or-file][@revision]`` -> a local path (downloaded, or from the cache offline)."""
+    m = _HF.match(spec.strip())
+    if not m:
+        raise VAEError(f"bad Hub reference {spec!r}: write hf:<owner>/<repo>[/<subfolder or file>][@<revision>], "
+                       "e.g. hf:madebyollin/taesd or hf:stabilityai/stable-diffusion-xl-base-1.0/vae")
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise VAEError("hf: sources need the huggingface_hub package: pip install huggingface_hub") from None
+    repo, sub, rev = m.group("repo"), m.group("sub") or "", m.group("rev")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        if sub.lower().endswith(WEIGHT_SUFFIXES):
+            return Path(hf_hub_download(repo, sub, revision=rev, local_files_only=offline))
+        base = f"{sub}/" if sub else ""
+        patterns = [f"{base}config.json", f"{base}*.safetensors", f"{base}*.pth"]
+        root = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns, local_files_only=offline))
+        folder = root / sub if sub else root
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.pth")):
+            root = Path(snapshot_download(repo, revision=rev, allow_patterns=[f"{base}config.json", f"{base}*.bin"],
+                                          local_files_only=offline))
+        return folder
+    except LocalEntryNotFoundError:
+        raise VAEError(f"{spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; run once online or "
+                       "unset HF_HUB_OFFLINE") from None
+    except Exception as e:  # network errors, 404s, gated repos: one clear line instead of a deep traceback
+        raise VAEError(f"{spec}: could not fetch from the Hugging Face Hub ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _folder_weights(folder: Path) -> Path | None:
+    names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "model.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin",
+             "pytorch_model.bin"]
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)
+    return files[0] if len(files) == 1 else None
+
+
+def tiny_pair_in(folder: Path) -> tuple[Path, Path] | None:
+    """A folder holding ``<name>_encoder.*`` and ``<name>_decoder.*`` (madebyollin's split TAESD files)."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES]
+    enc = sorted(p for p in files if re.search(r"_encoder$", p.stem))
+    dec = sorted(p for p in files if re.search(r"_decoder$", p.stem))
+    if len(enc) == 1 and len(dec) == 1:
+        return enc[0], dec[0]
+    return None
+
+
+def read_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """-> (state dict, diffusers config or None, hints for variant detection)."""
+    if isinstance(source, Mapping):
+        return unwrap_state_dict(source), None, {}
+    if isinstance(source, (tuple, list)):
+        parts = [read_source(s) for s in source]
+        return ({"__parts__": [p[0] for p in parts]},  # resolved by the tiny family
+                None, {"filename": " ".join(str(p[2].get("filename", "")) for p in parts)})
+    if isinstance(source, str) and source.startswith("hf:"):
+        sd, cfg, hints = read_source(resolve_hub(source))
+        hints["filename"] = f"{source} {hints.get('filename', '')}"
+        return sd, cfg, hints
+    if not isinstance(source, (str, os.PathLike)):
+        raise VAEError(f"cannot load a VAE from a {type(source).__name__}: pass a file path, a diffusers folder, "
+                       "a state dict, a (encoder, decoder) pair of files or 'hf:<repo>'")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            path = path / "vae"  # a whole pipeline folder
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+            weights = _folder_weights(path)
+            if weights is None:
+                raise VAEError(f"{path} has config.json but no single weights file "
+                               "(expected diffusion_pytorch_model.safetensors)")
+            sd, meta = read_weights(weights)
+            return unwrap_state_dict(sd), config, {"filename": f"{path.name} {weights.name}", "metadata": meta}
+        pair = tiny_pair_in(path)
+        if pair is not None:
+            return read_source(pair)
+        weights = _folder_weights(path)
+        if weights is None:
+            raise VAEError(f"{path} is a folder without config.json, a TAESD encoder/decoder pair or one weights file")
+        path = weights
+    if not path.exists():
+        raise VAEError(f"VAE file not found: {path}")
+    sd, meta = read_weights(path)
+    sd = unwrap_state_dict(sd)
+    hints = {"filename": path.name, "metadata": " ".join(f"{k}={v}" for k, v in meta.items() if len(v) < 300)}
+    return sd, None, hints
+
+
+# ------------------------------------------------------------------------------------------------ detection
+def describe_non_vae(sd: Mapping[str, torch.Tensor]) -> str:
+    """A best guess at what a state dict that is not a VAE is, for the error message."""
+    keys = list(sd)
+    joined = "\n".join(keys[:4000])
+    if "bn.running_mean" in sd or "bn.running_var" in sd:
+        return "a FLUX.2 VAE (AutoencoderKLFlux2: 32 channels, patchify and BatchNorm), which is a different class"
+    if re.search(r"(^|\.)(input_blocks|time_embed|time_embedding|double_blocks|joint_blocks|transformer_blocks|"
+                 r"down_blocks\.\d+\.attentions)\.", joined):
+        return "a diffusion model (UNet or transformer) without VAE weights"
+    if re.search(r"(text_model\.|encoder\.block\.\d+\.layer|shared\.weight|embed_tokens|token_embedding)", joined):
+        return "a text encoder"
+    if re.search(r"(lora_|\.alpha$|lora\.)", joined):
+        return "a LoRA"
+    return f"an unknown model ({len(keys)} tensors, e.g. {', '.join(keys[:3])})"
+
+
+def detect_family(sd: Mapping[str, torch.Tensor]) -> str | None:
+    for name in FAMILIES:
+        if family_module(name).matches(sd):
+            return name
+    return None
