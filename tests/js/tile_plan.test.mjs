@@ -1,0 +1,135 @@
+// node --test tests/js/  — the pure logic behind the tile widget (web/lib/tile_plan.js).
+import test from "node:test";
+import assert from "node:assert/strict";
+
+import {
+  PRESETS, axisTiles, correctTiling, estimatePeak, formatBytes, matchPreset, maxOverlap, minTile, planGrid,
+  presetValues, summarize,
+} from "../../web/lib/tile_plan.js";
+
+test("valid values pass unchanged", () => {
+  const c = correctTiling({ tileSize: 512, overlap: 64, downscale: 8 });
+  assert.deepEqual([c.tileSize, c.overlap, c.changed, c.notes], [512, 64, false, []]);
+});
+
+test("tile not a multiple of the downscale factor is rounded down, with a note", () => {
+  const c = correctTiling({ tileSize: 520, overlap: 64, downscale: 16 });
+  assert.equal(c.tileSize, 512);
+  assert.equal(c.changed, true);
+  assert.match(c.notes[0], /not a multiple of 16/);
+  assert.equal(correctTiling({ tileSize: 1000, overlap: 0, downscale: 32 }).tileSize, 992);
+});
+
+test("overlap too large for the tile is clamped to a quarter tile", () => {
+  const c = correctTiling({ tileSize: 512, overlap: 300, downscale: 8 });
+  assert.equal(c.overlap, 128);
+  assert.equal(maxOverlap(512, 8), 128);
+  assert.match(c.notes.join(";"), /too large for tile 512/);
+  // the quarter is itself rounded to the downscale factor
+  assert.equal(maxOverlap(544, 32), 128);
+  assert.equal(correctTiling({ tileSize: 544, overlap: 1024, downscale: 32 }).overlap, 128);
+});
+
+test("overlap is a non-negative multiple of the downscale factor", () => {
+  assert.equal(correctTiling({ tileSize: 512, overlap: 60, downscale: 8 }).overlap, 56);
+  assert.equal(correctTiling({ tileSize: 512, overlap: -5, downscale: 8 }).overlap, 0);
+});
+
+test("tile is kept within the input range and at least 8 latent pixels", () => {
+  assert.equal(correctTiling({ tileSize: 10, overlap: 0, downscale: 8 }).tileSize, 64);
+  assert.equal(minTile(32), 256);
+  assert.equal(correctTiling({ tileSize: 64, overlap: 0, downscale: 32 }).tileSize, 256);
+  assert.equal(correctTiling({ tileSize: 99999, overlap: 0, downscale: 8 }).tileSize, 4096);
+  assert.match(correctTiling({ tileSize: 10, overlap: 0 }).notes[0], /out of range/);
+});
+
+test("axis tiles: regular stride, last tile flush with the border, single tile when it fits", () => {
+  assert.deepEqual(axisTiles(512, 512, 64), [{ start: 0, size: 512 }]);
+  assert.deepEqual(axisTiles(300, 512, 64), [{ start: 0, size: 300 }]);
+  assert.deepEqual(axisTiles(1024, 512, 64).map((t) => t.start), [0, 448, 512]);
+  assert.deepEqual(axisTiles(960, 512, 64).map((t) => t.start), [0, 448]);
+  assert.deepEqual(axisTiles(0, 512, 64), []);
+  // every pixel covered, neighbours overlap by at least `overlap`
+  for (const [L, t, o] of [[1000, 256, 32], [2049, 512, 128], [777, 64, 16]]) {
+    const tiles = axisTiles(L, t, o);
+    assert.equal(tiles[0].start, 0);
+    assert.equal(tiles.at(-1).start + tiles.at(-1).size, L);
+    for (let i = 1; i < tiles.length; i++) {
+      assert.ok(tiles[i - 1].start + tiles[i - 1].size - tiles[i].start >= o, `${L},${t},${o}`);
+    }
+  }
+});
+
+test("grid of a 1536x1024 image at 512/64 is 4x3", () => {
+  const g = planGrid({ width: 1536, height: 1024, tileSize: 512, overlap: 64, downscale: 8 });
+  assert.equal(g.cols, 4);
+  assert.equal(g.rows, 3);
+  assert.equal(g.count, 12);
+  assert.equal(g.tiles.length, 12);
+  assert.deepEqual(g.tiles.at(-1), { x: 1024, y: 512, w: 512, h: 512 });
+});
+
+test("grid corrects its inputs first", () => {
+  const g = planGrid({ width: 2048, height: 2048, tileSize: 1000, overlap: 900, downscale: 8 });
+  assert.equal(g.tileSize, 1000);
+  assert.equal(g.overlap, 248);
+  assert.equal(g.notes.length, 1);
+});
+
+test("memory estimate: tiled peak depends on the tile, untiled on the image", () => {
+  const a = estimatePeak({ width: 2048, height: 2048, tileSize: 512, overlap: 64 });
+  const b = estimatePeak({ width: 4096, height: 4096, tileSize: 512, overlap: 64 });
+  const c = estimatePeak({ width: 4096, height: 4096, tileSize: 1024, overlap: 128 });
+  assert.ok(a.untiled < b.untiled);
+  assert.ok(Math.abs(b.untiled / a.untiled - 4) < 1e-9);
+  assert.ok(a.tiled < a.untiled && b.tiled < b.untiled);
+  assert.ok(c.tiled > b.tiled);
+  // untiled KL decode of a 128x128 latent matches ComfyUI core's planner (2178*64 per latent px) in fp32
+  const d = estimatePeak({ width: 1024, height: 1024, tileSize: 2048, overlap: 0, dtypeBytes: 4 });
+  assert.equal(d.untiled, 2178 * 64 * 128 * 128 * 4);
+  assert.equal(d.tiles, 1);
+  assert.equal(d.tiled, d.untiled);
+  // half precision halves it; the tiny family needs far less
+  const e = estimatePeak({ width: 1024, height: 1024, tileSize: 2048, overlap: 0, dtypeBytes: 2 });
+  assert.equal(e.untiled * 2, d.untiled);
+  assert.ok(estimatePeak({ width: 1024, height: 1024, tileSize: 2048, overlap: 0, family: "tiny" }).untiled
+    < d.untiled / 10);
+});
+
+test("bytes are formatted compactly", () => {
+  assert.equal(formatBytes(2.34e9), "2.3 GB");
+  assert.equal(formatBytes(23.4e9), "23 GB");
+  assert.equal(formatBytes(640e6), "640 MB");
+  assert.equal(formatBytes(12e3), "12 KB");
+  assert.equal(formatBytes(NaN), "?");
+});
+
+test("presets set tile and overlap, corrected for the VAE", () => {
+  assert.deepEqual(PRESETS.map((p) => p.name), ["auto", "512", "768", "1024"]);
+  assert.deepEqual(presetValues("768"), { mode: null, tileSize: 768, overlap: 96 });
+  assert.deepEqual(presetValues("1024", { downscale: 32 }), { mode: null, tileSize: 1024, overlap: 128 });
+  assert.deepEqual(presetValues("768", { downscale: 32 }), { mode: null, tileSize: 768, overlap: 96 });
+  assert.deepEqual(presetValues("auto", { defaults: { tileSize: 640, overlap: 80 } }),
+    { mode: "auto", tileSize: 640, overlap: 80 });
+  assert.equal(presetValues("nope"), null);
+});
+
+test("current values map back to a preset", () => {
+  assert.equal(matchPreset({ mode: "auto", tileSize: 512, overlap: 64 }), "auto");
+  assert.equal(matchPreset({ mode: "always", tileSize: 512, overlap: 64 }), "512");
+  assert.equal(matchPreset({ mode: "auto", tileSize: 768, overlap: 96 }), "768");
+  assert.equal(matchPreset({ mode: "always", tileSize: 1024, overlap: 128 }), "1024");
+  assert.equal(matchPreset({ mode: "auto", tileSize: 700, overlap: 64 }), null);
+});
+
+test("summary: unknown size, never mode, server estimate wins", () => {
+  assert.equal(summarize({ tileSize: 512, overlap: 64 }).known, false);
+  const s = summarize({ width: 1536, height: 1024, tileSize: 512, overlap: 64, mode: "always" });
+  assert.equal(s.tiles, 12);
+  assert.ok(s.peakBytes < s.untiledBytes);
+  const n = summarize({ width: 1536, height: 1024, tileSize: 512, overlap: 64, mode: "never" });
+  assert.equal(n.tiles, 1);
+  assert.equal(n.peakBytes, n.untiledBytes);
+  const srv = summarize({ width: 1536, height: 1024, tileSize: 512, overlap: 64, server: { peakBytes: 123 } });
+  assert.equal(srv.peakBytes, 123);
+});
