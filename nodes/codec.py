@@ -1,0 +1,166 @@
+"""VAE Encode, VAE Decode Tiled and Asym Inpaint Decode: our own tiled engine, progress bar and Cancel."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..vae_core import VAEError
+from .common import (CATEGORY, clean_errors, comfy_progress, image_from_core, image_to_core, latent_samples,
+                     mask_to_core, tile_inputs, tile_option)
+
+
+def _prepare(vae):
+    """The vae_core VAE behind ``vae`` (ours, or a core VAE rebuilt once), loaded by ComfyUI's memory manager."""
+    from .comfy_vae import core_of, load_core_on
+
+    core = core_of(vae)
+    load_core_on(vae, core)
+    return core
+
+
+def _release(vae, core) -> None:
+    """A core VAE converted by us is not managed by ComfyUI: put it back on the offload device."""
+    if getattr(vae, "suite_core", None) is core:
+        return
+    import comfy.model_management as mm
+
+    off = mm.vae_offload_device()
+    if core.device != torch.device(off):
+        core.to(off)
+        mm.soft_empty_cache()
+
+
+class VAESuiteEncode:
+    DESCRIPTION = ("Encodes an IMAGE into a LATENT with any VAE (ours or a core one): the posterior mean or a seeded "
+                   "sample, tiled when the image is large. An optional MASK becomes the latent's noise_mask (for "
+                   "inpainting with a sampler). Sizes that are not a multiple of the VAE's downscale are padded.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Raw VAE-space latent (as core VAE Encode gives), with noise_mask when a mask is given.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pixels": ("IMAGE", {"tooltip": "The image(s) to encode."}),
+                "vae": ("VAE", {"tooltip": "The VAE to encode with (from VAE Suite Load VAE or any core loader)."}),
+                "latent": (["mean", "sample"], {"default": "mean", "tooltip":
+                           "mean: the deterministic posterior mean (as core VAE Encode). sample: draw from the "
+                           "posterior with the seed below (VAEs without a posterior variance give the mean)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
+                         "Seed of the posterior sample (only used when latent is 'sample')."}),
+                **tile_inputs(),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Optional inpainting mask (1 = inpaint here), the image's size; it "
+                                  "becomes the latent's noise_mask."}),
+            },
+        }
+
+    @clean_errors
+    def encode(self, pixels, vae, latent="mean", seed=0, tiling="auto", tile_size=512, overlap=64, mask=None):
+        import comfy.model_management as mm
+
+        x = image_to_core(pixels)
+        b, _, h, w = x.shape
+        m = mask_to_core(mask, h, w, b, "the image") if mask is not None else None
+        tile = tile_option(tiling, tile_size, overlap)
+        core = _prepare(vae)
+        progress, should_stop = comfy_progress()
+        gen = torch.Generator("cpu").manual_seed(int(seed)) if latent == "sample" else None
+        try:
+            z = core.encode(x, sample=latent == "sample", generator=gen, tile=tile, progress=progress,
+                            should_stop=should_stop)
+        finally:
+            _release(vae, core)
+        out = {"samples": z.float().to(mm.intermediate_device())}
+        if m is not None:
+            f = core.downscale
+            ph, pw = (-h) % f, (-w) % f
+            if ph or pw:  # the latent covers the padded image
+                m = F.pad(m, (0, pw, 0, ph), mode="replicate")
+            out["noise_mask"] = m.to(mm.intermediate_device())
+        return (out,)
+
+
+class VAESuiteDecodeTiled:
+    DESCRIPTION = ("Decodes a LATENT with the VAE Suite tiled engine: any VAE from VAE Suite Load VAE or a core "
+                   "checkpoint/VAE loader. Tiles are sized in image pixels, blended over the overlap; the progress "
+                   "bar advances per tile and Cancel stops within one tile.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded image(s).",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "The latent to decode (raw VAE-space, as samplers output it)."}),
+                "vae": ("VAE", {"tooltip": "The VAE to decode with (VAE Suite Load VAE, or a core loader's VAE)."}),
+                **tile_inputs(),
+            },
+        }
+
+    @clean_errors
+    def decode(self, samples, vae, tiling="auto", tile_size=512, overlap=64):
+        z = latent_samples(samples)
+        tile = tile_option(tiling, tile_size, overlap)
+        core = _prepare(vae)
+        progress, should_stop = comfy_progress()
+        try:
+            images = core.decode(z, tile=tile, progress=progress, should_stop=should_stop)
+        finally:
+            _release(vae, core)
+        return (image_from_core(images),)
+
+
+class VAESuiteAsymInpaintDecode:
+    DESCRIPTION = ("Decodes an inpainting result with the asymmetric VAE's conditioned decoder: it sees the "
+                   "original image outside the mask, so unmasked pixels keep their detail and colour. MASK follows "
+                   "ComfyUI's convention (1 = inpainted region).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded image(s).",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "The inpainted latent (raw VAE-space) to decode."}),
+                "vae": ("VAE", {"tooltip": "An asymmetric inpainting VAE (AsymmetricAutoencoderKL), loaded with "
+                                "VAE Suite Load VAE."}),
+                "image": ("IMAGE", {"tooltip": "The original image the latent was inpainted from (same size as "
+                                    "the decoded image)."}),
+                "mask": ("MASK", {"tooltip": "The inpainting mask, the image's size: 1 = region that was "
+                                  "inpainted (regenerated), 0 = keep the original."}),
+                **tile_inputs(),
+            },
+        }
+
+    @clean_errors
+    def decode(self, samples, vae, image, mask, tiling="auto", tile_size=512, overlap=64):
+        from .comfy_vae import core_of
+
+        core = core_of(vae)
+        if core.family != "asym":
+            raise VAEError(f"Asym Inpaint Decode needs an asymmetric inpainting VAE (AsymmetricAutoencoderKL); this "
+                           f"VAE is {core.family} ({core.variant}). Load an asymmetric VAE, or use VAE Decode")
+        z = latent_samples(samples)
+        x = image_to_core(image)
+        b = z.shape[0]
+        if x.shape[0] not in (1, b):
+            raise VAEError(f"the image batch is {x.shape[0]} but the latent batch is {b}: use 1 image or one each")
+        x = x.expand(b, -1, -1, -1)
+        h, w = x.shape[-2:]
+        m = mask_to_core(mask, h, w, b, "the image")
+        tile = tile_option(tiling, tile_size, overlap)
+        core = _prepare(vae)
+        progress, should_stop = comfy_progress()
+        try:
+            images = core.decode(z, image=x, mask=m, tile=tile, progress=progress, should_stop=should_stop)
+        finally:
+            _release(vae, core)
+        return (image_from_core(images),)

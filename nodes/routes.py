@@ -1,0 +1,109 @@
+"""HTTP route for the tile-settings widget.
+
+``GET /vae_suite/tile_plan`` (also under ``/api/vae_suite/tile_plan``)
+
+Query parameters (all optional except width and height):
+    width, height   image size in pixels (ints >= 1)
+    tile_size       tile edge in pixels (default 512)
+    overlap         overlap in pixels (default 64)
+    family          kl | asym | dc | tiny (default kl): sets the downscale factor and the memory estimate
+    downscale       override the downscale factor (8 for kl/asym/tiny, 32 for dc)
+    mode            decode | encode (default decode)
+    tiling          auto | always | never (default always)
+
+200 answer (JSON):
+    {
+      "width": 1024, "height": 768,          # as asked
+      "tile_size": 512, "overlap": 64,       # as used (after vae_core's own clamping/snapping)
+      "family": "kl", "downscale": 8, "mode": "decode",
+      "tiled": true,                         # false when one pass covers the image (or tiling=never)
+      "rows": 2, "cols": 3, "count": 6,
+      "tiles": [[x0, y0, x1, y1], ...],      # image-pixel rectangles, row-major, end-exclusive
+      "memory": {"untiled_bytes": int, "per_tile_bytes": int}   # float32 estimates; null where unknown
+      "source": "vae_core" | "fallback"      # fallback: vae_core.tiling has no planner yet
+    }
+400 answer: {"error": "<message naming the bad parameter>"}
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from server import PromptServer
+
+_DOWNSCALE = {"kl": 8, "asym": 8, "tiny": 8, "dc": 32}
+
+
+def _int(q, name, default=None, lo=1, hi=1 << 20):
+    raw = q.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise ValueError(f"{name} is required")
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    step = max(1, tile - overlap)
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+def tile_plan(query) -> dict:
+    width, height = _int(query, "width"), _int(query, "height")
+    tile_size = _int(query, "tile_size", 512, 16)
+    overlap = _int(query, "overlap", 64, 0)
+    family = query.get("family", "kl") or "kl"
+    if family not in _DOWNSCALE:
+        raise ValueError(f"family must be one of {', '.join(_DOWNSCALE)}, got {family!r}")
+    f = _int(query, "downscale", _DOWNSCALE[family], 1, 128)
+    mode = query.get("mode", "decode") or "decode"
+    if mode not in ("decode", "encode"):
+        raise ValueError(f"mode must be decode or encode, got {mode!r}")
+    tiling = query.get("tiling", "always") or "always"
+    if tiling not in ("auto", "always", "never"):
+        raise ValueError(f"tiling must be auto, always or never, got {tiling!r}")
+    if overlap * 2 >= tile_size:
+        raise ValueError(f"overlap ({overlap}) must be less than half of tile_size ({tile_size})")
+
+    from ..vae_core import tiling as core_tiling
+
+    planner = getattr(core_tiling, "plan_grid", None)
+    if planner is not None:  # vae_core's own planner once it exists
+        plan = planner(width=width, height=height, tile_size=tile_size, overlap=overlap, downscale=f, mode=mode,
+                       family=family, tiling=tiling)
+        plan.setdefault("source", "vae_core")
+        return plan
+    tiles = []
+    if tiling == "never":
+        ys, xs = [0], [0]
+        t_h, t_w = height, width
+    else:
+        t_h, t_w = min(tile_size, height), min(tile_size, width)
+        ys, xs = _starts(height, tile_size, overlap), _starts(width, tile_size, overlap)
+    for y in ys:
+        for x in xs:
+            tiles.append([x, y, x + t_w, y + t_h])
+    per_px = 2178 * 4 if mode == "decode" else 1767 * 4
+    return {
+        "width": width, "height": height, "tile_size": tile_size, "overlap": overlap, "family": family,
+        "downscale": f, "mode": mode, "tiled": len(tiles) > 1, "rows": len(ys), "cols": len(xs),
+        "count": len(tiles), "tiles": tiles,
+        "memory": {"untiled_bytes": per_px * width * height, "per_tile_bytes": per_px * t_w * t_h},
+        "source": "fallback",
+    }
+
+
+@PromptServer.instance.routes.get("/vae_suite/tile_plan")
+async def _tile_plan(request):
+    try:
+        return web.json_response(tile_plan(request.rel_url.query))
+    except ValueError as e:  # VAEError is a ValueError too
+        return web.json_response({"error": str(e)}, status=400)
