@@ -1,23 +1,300 @@
-"""Tiled encode/decode (placeholder until the tiling work lands: only untiled runs are planned)."""
+"""Tiled encode/decode: exact (equal to the untiled result up to float rounding) with memory bounded by the tile.
+
+Design (details in ``stream``): the network runs as a sequence of sweeps over tiles, cut at every GroupNorm and
+attention. Each sweep's output goes to a store (host RAM, or a temp file on disk) while the exact statistics the
+next GroupNorm needs are accumulated tile by tile; attention streams query tiles against key/value tiles. So
+there are no seams and no colour shift (no per-tile statistics, no blending) and the compute device holds one
+tile's activations at a time. Halos are derived from the layers (1 px per 3x3 conv per sweep), so ``overlap``
+is not needed for exactness and is accepted only so callers can keep one setting for every tiler; it does not
+change the result.
+
+Costs: about the untiled FLOPs plus a few % of halo, plus writing and re-reading each full-resolution
+activation once per sweep (memory bandwidth on the 'ram' store, page-cache/disk I/O on the 'disk' store).
+
+Public API:
+- ``Tiling(tile_size=512, overlap=64, store="auto")`` (pixels for both directions); ``tile=`` also takes
+  None (auto), False, True (defaults) or a dict with those keys.
+- ``estimate_memory(vae, direction, image_hw, tiling, dtype)``: compute-device bytes (what auto mode uses).
+- ``estimate(...)``: the same, with the store size and tile count.
+- ``plan_grid(width=, height=, tile_size=, ...)``: the tile rectangles and estimates for the widget.
+"""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+
+from . import stream
 from .errors import VAEError
+
+STORES = ("auto", "ram", "disk", "device")
+# Auto mode tiles when the untiled estimate exceeds this fraction of free device memory.
+AUTO_FRACTION = 0.8
+# On CPU, the 'auto' store spills to disk when the stored activations would exceed this fraction of free RAM.
+RAM_STORE_FRACTION = 0.25
+MIN_TILE = 32
 
 
 @dataclass(frozen=True)
 class Tiling:
     tile_size: int = 512  # pixels, for both directions
-    overlap: int = 64  # pixels
+    overlap: int = 64  # pixels; accepted for compatibility, exactness does not depend on it (see module doc)
+    store: str = "auto"  # where full-resolution activations live between sweeps: auto | ram | disk | device
+
+    def __post_init__(self):
+        if not isinstance(self.tile_size, int) or self.tile_size < MIN_TILE:
+            raise VAEError(f"tile_size must be an integer >= {MIN_TILE} pixels, got {self.tile_size!r}")
+        if not isinstance(self.overlap, int) or self.overlap < 0:
+            raise VAEError(f"overlap must be an integer >= 0 pixels, got {self.overlap!r}")
+        if self.store not in STORES:
+            raise VAEError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    tiling: Tiling
+    store: str  # resolved: ram | disk | device
+    image_hw: tuple[int, int]
+
+
+def as_tiling(tile: Any) -> Tiling | None | str:
+    """None -> 'auto'; False -> None; True -> Tiling(); dict/Tiling -> Tiling."""
+    if tile is None:
+        return "auto"
+    if tile is False:
+        return None
+    if tile is True:
+        return Tiling()
+    if isinstance(tile, Tiling):
+        return tile
+    if isinstance(tile, dict):
+        unknown = set(tile) - {"tile_size", "overlap", "store"}
+        if unknown:
+            raise VAEError(f"tile dict has unknown keys {sorted(unknown)}; use tile_size, overlap, store")
+        return Tiling(**{k: (int(v) if k != "store" else v) for k, v in tile.items()})
+    raise VAEError(f"tile must be None (auto), False, True, a Tiling or a dict, got {type(tile).__name__}")
+
+
+def _direction(fn_name: str) -> str:
+    return "encode" if fn_name == "encode" else "decode"
+
+
+def _image_hw(vae, direction, shape) -> tuple[int, int]:
+    h, w = shape[-2:]
+    return (h, w) if direction == "encode" else (h * vae.downscale, w * vae.downscale)
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except Exception:  # pragma: no cover - psutil is a dependency, this is belt and braces
+        return 8 << 30
 
 
 def resolve(vae, fn_name, shape, tile, dtype):
-    """-> None (run untiled) or a Tiling."""
-    if tile is None or tile is False:
+    """-> None (run untiled) or a Plan."""
+    direction = _direction(fn_name)
+    t = as_tiling(tile)
+    if t is None:
         return None
-    raise VAEError("tiled encode/decode is not available yet; pass tile=None or tile=False")
+    hw = _image_hw(vae, direction, shape)
+    batch = shape[0]
+    if t == "auto":
+        need = estimate_memory(vae, direction, hw, None, dtype, batch=batch)
+        free = _free_bytes(vae.device)
+        if need <= AUTO_FRACTION * free or stream_program(vae.model, vae.family, direction) is None:
+            return None
+        t = Tiling()
+        while t.tile_size > 128 and estimate_memory(vae, direction, hw, t, dtype, batch=batch) > AUTO_FRACTION * free:
+            t = Tiling(t.tile_size // 2, t.overlap // 2)
+    if hw[0] <= t.tile_size and hw[1] <= t.tile_size:
+        return None  # one tile: the untiled run is the same computation
+    if stream_program(vae.model, vae.family, direction) is None:
+        raise VAEError(f"tiled {direction} is not available for the {vae.family} family ({vae.variant}); pass "
+                       "tile=False")
+    store = t.store
+    if store == "auto":
+        if vae.device.type == "cuda":
+            store = "ram"
+        else:
+            stored = estimate(vae, direction, hw, t, dtype, batch=batch)["store_bytes"]
+            store = "ram" if stored <= RAM_STORE_FRACTION * _free_bytes(vae.device) else "disk"
+    return Plan(t, store, hw)
 
 
-def run(vae, model, fn_name, x, plan, progress, should_stop, **kw):
-    raise NotImplementedError
+def stream_program(model, family, direction, **kw):
+    from . import stream_programs
+    if family not in stream_programs.BUILDERS:
+        return None
+    if (model.encoder if direction == "encode" else model.decoder) is None:
+        return None
+    return stream_programs.build(model, family, direction, **kw)
+
+
+def run(vae, model, fn_name, x, plan: Plan, progress, should_stop, **kw):
+    direction = _direction(fn_name)
+    cond = {}
+    inputs = {}
+    if direction == "decode" and kw.get("image") is not None and kw.get("mask") is not None:
+        image, mask = kw["image"], kw["mask"]
+        inputs = {"masked": (1 - mask) * image, "mask": mask}
+        cond = {"image": image, "mask": mask}
+    elif kw:
+        raise VAEError(f"tiled {direction} got unexpected arguments {sorted(kw)}")
+    program = stream_program(model, vae.family, direction, **cond)
+    dtype = x.dtype
+    store = stream.Store(plan.store, x.device, dtype, directory=os.environ.get("VAE_CORE_TILE_DIR"))
+    runner = stream.Runner(program, plan.image_hw, plan.tiling.tile_size, store, x.device, dtype, progress,
+                           should_stop)
+    out = runner.run({program.src: x, **inputs})
+    if direction == "encode":
+        if out.shape[1] == 2 * model.latent_channels:
+            mean, logvar = out.chunk(2, dim=1)
+            return mean, logvar
+        return out, None
+    return out
+
+
+# ================================================================================================ estimates
+def _bytes(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: stream.Region, esize: int, batch: int) -> int:
+    """Device bytes one tile of a sweep holds at its peak: inputs read, each layer's in/out, the output tile."""
+    total = 0
+    for name, layer in s.branches:
+        c = runner.p.bufs[name].channels
+        n = layer.need(r)
+        read = c * n.h * n.w
+        peak = 0
+        layers = layer.layers if isinstance(layer, stream.Chain) else [layer]
+        regions = [r]
+        for lay in reversed(layers):
+            regions.append(lay.need(regions[-1]))
+        regions.reverse()
+        for i, lay in enumerate(layers):
+            rin, rout = regions[i], regions[i + 1]
+            cout = lay.channels(c)
+            peak = max(peak, 2 * c * rin.h * rin.w + cout * rout.h * rout.w)
+            c = cout
+        total += read + peak + c * r.h * r.w
+    return total * esize * batch
+
+
+def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtype=torch.float32, batch: int = 1,
+             family: str | None = None) -> dict:
+    """Memory of a run: {'device_bytes', 'store_bytes', 'work_bytes', 'tiles'}.
+
+    device_bytes is what the compute device holds at its peak (the number auto mode compares with free
+    memory): untiled, every activation the network holds at once plus the working set of its biggest layer;
+    tiled, one tile's working set (plus the stored activations only for store='device'). Weights and the
+    input/output tensors are not counted. A model, not a measurement: bench/bench_tiled.py checks it.
+    """
+    model = getattr(vae_or_model, "model", vae_or_model)
+    family = family or getattr(vae_or_model, "family", None)
+    program = stream_program(model, family, direction)
+    if program is None:
+        return {"device_bytes": None, "store_bytes": None, "work_bytes": None, "tiles": None}
+    hw = tuple(int(v) for v in image_hw)
+    tile_px = tiling.tile_size if tiling is not None else max(hw)
+    runner = stream.Runner(program, hw, tile_px, None, "meta", dtype)
+    runner.batch = batch
+    es = _bytes(dtype)
+    live, store_peak, work_peak = 0, 0, 0
+    sizes = {}
+    for s in program.steps:
+        if isinstance(s, stream.Sweep):
+            if s.dst is not None and s.dst != program.dst and s.inplace is None and s.dst not in sizes:
+                sizes[s.dst] = s.out.channels * math.prod(runner.hw(s.out)) * es * batch
+                live += sizes[s.dst]
+            elif s.inplace is not None:
+                sizes[s.dst] = sizes.pop(s.inplace, 0)
+            store_peak = max(store_peak, live)
+            tiles = runner.tiles(s.out)
+            biggest = max(tiles, key=lambda r: r.h * r.w)
+            work_peak = max(work_peak, _sweep_work(runner, s, biggest, es, batch))
+        elif isinstance(s, stream.Custom):
+            for name, buf in s.allocs:
+                if s.inplace is not None:
+                    sizes[name] = sizes.pop(s.inplace, 0)
+                elif name not in sizes:
+                    sizes[name] = buf.channels * math.prod(runner.hw(buf)) * es * batch
+                    live += sizes[name]
+            store_peak = max(store_peak, live)
+            if s.work is not None:
+                work_peak = max(work_peak, s.work(runner, tile_px) * batch * es // 4)
+        elif isinstance(s, stream.Free):
+            for n in s.names:
+                live -= sizes.pop(n, 0)
+    tiled = tiling is not None
+    store_kind = tiling.store if tiled else "device"
+    device = work_peak + (store_peak if (not tiled or store_kind == "device") else 0)
+    return {"device_bytes": int(device), "store_bytes": int(store_peak), "work_bytes": int(work_peak),
+            "tiles": runner.total}
+
+
+def estimate_memory(vae, direction: str, image_hw, tiling: Tiling | None, dtype=torch.float32, batch: int = 1) -> int:
+    """Compute-device bytes a run needs (untiled for ``tiling=None``); see ``estimate``."""
+    return estimate(vae, direction, image_hw, tiling, dtype, batch=batch)["device_bytes"] or 0
+
+
+# ================================================================================================ widget
+_FAMILY_DEFAULT = {"kl": "sd1", "asym": "x-1-5", "dc": None, "tiny": "taesd"}
+_META_MODELS: dict = {}
+
+
+def _meta_model(family: str):
+    """A model of the family's default released config on the meta device (shapes only, no memory)."""
+    if family not in _META_MODELS:
+        from .loading import family_module
+        mod = family_module(family)
+        variant = _FAMILY_DEFAULT.get(family) or next(iter(getattr(mod, "VARIANTS", {}) or {}), None)
+        if variant is None or not hasattr(mod, "build"):
+            _META_MODELS[family] = None
+        else:
+            with torch.device("meta"):
+                _META_MODELS[family] = mod.build(dict(mod.VARIANTS[variant]))
+    return _META_MODELS[family]
+
+
+def plan_grid(width: int, height: int, tile_size: int = 512, overlap: int = 64, downscale: int | None = None,
+              mode: str = "decode", family: str = "kl", tiling: str = "always", vae=None) -> dict:
+    """The tile grid the engine uses for an image, with memory estimates (float32), for the widget.
+
+    Tiles are the cores written by the image-resolution sweeps: non-overlapping, nearly equal, covering the
+    image (each sweep reads a few pixels of halo around them; ``overlap`` does not change the grid).
+    """
+    t = Tiling(int(tile_size), int(overlap))
+    model = vae.model if vae is not None else _meta_model(family)
+    f = downscale or (vae.downscale if vae is not None else (model.downscale if model is not None else 8))
+    hw = (-(-int(height) // f) * f, -(-int(width) // f) * f)
+    untiled = est = None
+    if model is not None:
+        untiled = estimate(model, mode, hw, None, family=family)["device_bytes"]
+        est = estimate(model, mode, hw, t, family=family)
+    if tiling == "never":
+        tiled = False
+    elif tiling == "auto":
+        tiled = untiled is not None and untiled > AUTO_FRACTION * _free_bytes(torch.device("cpu"))
+    else:
+        tiled = True
+    tiled = tiled and not (hw[0] <= t.tile_size and hw[1] <= t.tile_size)
+    spans_y = stream.split(hw[0], t.tile_size) if tiled else [(0, hw[0])]
+    spans_x = stream.split(hw[1], t.tile_size) if tiled else [(0, hw[1])]
+    tiles = [[x0, y0, min(x1, int(width)), min(y1, int(height))] for y0, y1 in spans_y for x0, x1 in spans_x]
+    return {
+        "width": int(width), "height": int(height), "tile_size": t.tile_size, "overlap": t.overlap,
+        "family": family, "downscale": f, "mode": mode, "tiled": tiled,
+        "rows": len(spans_y), "cols": len(spans_x), "count": len(tiles), "tiles": tiles,
+        "memory": {"untiled_bytes": untiled,
+                   "per_tile_bytes": (est["device_bytes"] if tiled else untiled) if est else None,
+                   "store_bytes": est["store_bytes"] if (est and tiled) else None},
+        "exact": True,
+    }

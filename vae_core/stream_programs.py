@@ -1,0 +1,214 @@
+"""Each family's network as a streaming program (see ``stream``): the same maths as its ``forward``, cut at
+every place that needs whole-image information (GroupNorm statistics, attention), with halos derived from
+the layers. A family plugs in with a ``build_<family>(model, direction, **kw) -> Program`` below.
+
+Buffer names are unique per value (SSA style); a step that may overwrite its input says so (``inplace``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import VAEError
+from .stream import (Buf, Chain, Conv, Custom, Free, Layer, Pointwise, Program, Region, Residual, Subsample,
+                     Sweep, Up, gn_act, identity, merge_moments, moments)
+
+
+class Builder:
+    """Appends steps to a Program while tracking the current buffer (name, Buf)."""
+
+    def __init__(self, src: str, src_buf: Buf, dst: str, dst_buf: Buf):
+        self.p = Program(src, src_buf, dst, dst_buf)
+        self.cur, self.buf = src, src_buf
+        self.n = 0
+
+    def name(self, tag: str) -> str:
+        self.n += 1
+        return f"{self.n}.{tag}"
+
+    def sweep(self, layers, tag: str, channels: int, scale: float = 1.0, stats: bool = True, free_src: bool = True,
+              dst: str | None = None, extra=(), combine=None, inplace: bool = False):
+        """cur -> layers -> new buffer (``scale``: resolution factor of the layers, 2 for an upsample)."""
+        out = Buf(channels, self.buf.d / scale)
+        name = dst or self.name(tag)
+        branches = [(self.cur, layers if isinstance(layers, Layer) else Chain(layers)), *extra]
+        self.p.steps.append(Sweep(branches, name, out, stats=name if stats else None, combine=combine,
+                                  inplace=self.cur if inplace else None))
+        if free_src and self.cur != self.p.src:
+            self.p.steps.append(Free((self.cur,)))
+        self.cur, self.buf = name, out
+        return name
+
+    def finish(self, layers):
+        self.sweep(layers, "out", self.p.dst_buf.channels, scale=self.buf.d / self.p.dst_buf.d, stats=False,
+                   dst=self.p.dst)
+        return self.p
+
+    # ---- shared KL blocks (blocks.py)
+    def resnet(self, block):
+        """ResnetBlock2D: h = conv1(silu(gn1(x))); out = conv2(silu(gn2(h))) + shortcut(x)."""
+        x, xbuf = self.cur, self.buf
+        cout = block.conv1.out_channels
+        h = self.sweep([Conv(block.conv1, gn_act(block.norm1, x))], "h", cout, free_src=False)
+        skip = Conv(block.conv_shortcut) if block.conv_shortcut is not None else identity()
+        self.cur, self.buf = h, self.buf
+        same = block.conv_shortcut is None
+        out = self.name("res")
+        self.p.steps.append(Sweep([(h, Conv(block.conv2, gn_act(block.norm2, h))), (x, skip)], out,
+                                  Buf(cout, xbuf.d), stats=out, inplace=x if same else None))
+        self.p.steps.append(Free((h, x)))
+        self.cur, self.buf = out, Buf(cout, xbuf.d)
+
+    def attention(self, attn):
+        """blocks.Attention: softmax attention over every latent pixel, streamed (see ``attention_step``)."""
+        x, xbuf = self.cur, self.buf
+        c = xbuf.channels
+        kv = self.name("kv")
+        norm = attn.group_norm
+
+        def kv_fn(t, ctx):
+            tok = gn_act(norm, x, None)(t, ctx).flatten(2).transpose(1, 2)
+            k, v = F.linear(tok, attn.to_k.weight, attn.to_k.bias), F.linear(tok, attn.to_v.weight, attn.to_v.bias)
+            return torch.cat([k, v], -1).transpose(1, 2).reshape(t.shape[0], 2 * c, *t.shape[-2:])
+
+        self.p.steps.append(Sweep([(x, Pointwise(kv_fn, lambda ch: 2 * ch))], kv, Buf(2 * c, xbuf.d)))
+        out = self.name("attn")
+        self.p.steps.append(attention_step(attn, x, kv, out, xbuf))
+        self.p.steps.append(Free((kv, x)))
+        self.cur, self.buf = out, xbuf
+
+    def mid(self, mid):
+        self.resnet(mid.resnets[0])
+        if mid.attentions is not None:
+            self.attention(mid.attentions[0])
+        self.resnet(mid.resnets[1])
+
+
+def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
+    """Exact softmax attention over all tokens with one query tile and one key tile on the device at a time.
+
+    For each query tile, keys/values stream tile by tile with a running max and normaliser (the log-sum-exp
+    merge of flash attention), so the result equals full attention up to rounding. out = to_out(attn) + x.
+    """
+    c = xbuf.channels
+    norm = attn.group_norm
+    scale = 1.0 / math.sqrt(c)
+
+    def run(ctx):
+        store = ctx.store
+        store.alias(out, x)  # each query tile reads x only at its own core, then overwrites it
+        tiles = ctx.tiles(xbuf)
+        for r in tiles:
+            ctx.check_stop()
+            xt = store.buffers[x].read(r, ctx.device, ctx.dtype)
+            b, _, h, w = xt.shape
+            tok = gn_act(norm, x, None)(xt, ctx).flatten(2).transpose(1, 2)
+            q = F.linear(tok, attn.to_q.weight, attn.to_q.bias).float() * scale
+            m = torch.full(q.shape[:2] + (1,), -math.inf, device=q.device)
+            l = torch.zeros_like(m)
+            acc = torch.zeros_like(q)
+            for rk in tiles:
+                kvt = store.buffers[kv].read(rk, ctx.device, ctx.dtype).flatten(2).transpose(1, 2).float()
+                k, v = kvt[..., :c], kvt[..., c:]
+                s = torch.bmm(q, k.transpose(1, 2))
+                m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+                p = torch.exp(s - m_new)
+                corr = torch.exp(m - m_new)
+                l = l * corr + p.sum(-1, keepdim=True)
+                acc = torch.baddbmm(acc * corr, p, v)
+                m = m_new
+                del s, p, kvt
+            o = (acc / l).to(ctx.dtype)
+            o = F.linear(o, attn.to_out[0].weight, attn.to_out[0].bias)
+            y = o.transpose(1, 2).reshape(b, c, h, w) + xt
+            ctx.stats[out] = merge_moments(ctx.stats.get(out), moments(y))
+            store.buffers[out].write(r, y)
+            ctx.tick()
+
+    def work(ctx, tile_px):
+        t = max(1, round(tile_px / xbuf.d)) ** 2
+        n = min(t, math.prod(ctx.hw(xbuf)))
+        return 4 * (n * c * 6 + n * n * 3)
+
+    return Custom(run, lambda ctx: len(ctx.tiles(xbuf)), allocs=((out, xbuf),), work=work, inplace=x)
+
+
+# ================================================================================================ KL / asym
+def build_kl(model, direction: str, image=None, mask=None) -> Program:
+    lat = model.latent_channels
+    f = model.downscale
+    if direction == "encode":
+        enc = model.encoder
+        b = Builder("x", Buf(enc.conv_in.in_channels, 1), "out", Buf(enc.conv_out.out_channels, f))
+        b.sweep([Conv(enc.conv_in)], "conv_in", enc.conv_in.out_channels)
+        for block in enc.down_blocks:
+            for r in block.resnets:
+                b.resnet(r)
+            if block.downsamplers is not None:
+                conv = block.downsamplers[0].conv
+                b.sweep([Conv(conv, pad=(0, 1, 0, 1))], "down", conv.out_channels, scale=0.5)
+        b.mid(enc.mid_block)
+        final = [Conv(enc.conv_out, gn_act(enc.conv_norm_out, b.cur))]
+        if getattr(model, "quant_conv", None) is not None:
+            final.append(Conv(model.quant_conv))
+        return b.finish(final)
+
+    dec = model.decoder
+    b = Builder("z", Buf(lat, f), "out", Buf(dec.conv_out.out_channels, 1))
+    first = [Conv(model.post_quant_conv)] if getattr(model, "post_quant_conv", None) is not None else []
+    b.sweep(first + [Conv(dec.conv_in)], "conv_in", dec.conv_in.out_channels)
+    b.mid(dec.mid_block)
+    blend = _asym_blend(b, dec) if image is not None and mask is not None else None
+    if blend is not None:
+        b.p.extra_inputs = {"masked": Buf(3, 1), "mask": Buf(1, 1)}
+    for block in dec.up_blocks:
+        if blend:
+            blend()
+        for r in block.resnets:
+            b.resnet(r)
+        if block.upsamplers is not None:
+            conv = block.upsamplers[0].conv
+            b.sweep([Up(2), Conv(conv)], "up", conv.out_channels, scale=2)
+    if blend:
+        blend()
+    return b.finish([Conv(dec.conv_out, gn_act(dec.conv_norm_out, b.cur))])
+
+
+def _asym_blend(b: Builder, dec):
+    """asym.MaskConditionDecoder._blend as a sweep: x * m + feature * (1 - m), the feature recomputed per tile
+    from the masked image by the (local) condition encoder, the mask subsampled (nearest) to x's size."""
+    convs = list(dec.condition_encoder.layers)
+    chains, d = {}, 1
+    layers: list[Layer] = []
+    for i, conv in enumerate(convs):
+        if i:
+            layers.append(Pointwise(lambda t, ctx: F.relu(t)))
+        layers.append(Conv(conv))
+        d *= conv.stride[0]
+        chains[(conv.out_channels, d)] = Chain(list(layers))  # same shape twice: the later one wins (as dict)
+
+    def combine(ys, r, ctx):
+        x, feat, m = ys
+        return x * m + feat * (1 - m)
+
+    def blend():
+        key = (b.buf.channels, round(b.buf.d))
+        if key not in chains:
+            raise VAEError(f"the condition encoder has no feature with {key[0]} channels at 1/{key[1]} resolution "
+                           "for this decoder: its decoder and condition encoder do not fit")
+        extra = [("masked", chains[key]), ("mask", Subsample(key[1]) if key[1] > 1 else identity())]
+        b.sweep(identity(), "blend", b.buf.channels, extra=extra, combine=combine)
+
+    return blend
+
+
+BUILDERS = {"kl": build_kl, "asym": build_kl}
+
+
+def build(model, family: str, direction: str, **kw) -> Program:
+    fn = BUILDERS.get(family)
+    if fn is None:
+        raise VAEError(f"tiled {direction} is not available for the {family!r} family yet; pass tile=False")
+    return fn(model, direction, **kw)
