@@ -93,4 +93,5 @@ def _load_weights(model: torch.nn.Module, sd: dict, family: str, variant: str) -
             parts.append(f"{len(wrong)} with other shapes (e.g. {'; '.join(wrong[:2])})")
         raise VAEError(f"the weights do not fit a {family} VAE ({variant}): {'; '.join(parts)}. The file may be "
                        "truncated, of another model, or of an unsupported variant")
-    model.load_state_dict(sd, strict=True)
+    # a family may build its model on the meta device (no random init of ~1B parameters): assign the tensors then
+    model.load_state_dict(sd, strict=True, assign=any(t.is_meta for t in own.values()))
