@@ -52,7 +52,11 @@ def load_vae(source: Any, family: str | None = None, variant: str | None = None,
         raise VAEError(f"family={family!r} was asked for, but the weights are not that family: "
                        f"{describe_non_vae(sd)}")
     sd = mod.convert(sd)
-    config = dict(mod.infer_config(sd))
+    try:
+        config = dict(mod.infer_config(sd))
+    except (KeyError, ValueError, IndexError) as e:
+        raise VAEError(f"the weights look like a {family} VAE but are incomplete (missing {e}): the file may be "
+                       "truncated or only part of a model") from None
     if folder_config:
         config.update({k: v for k, v in folder_config.items() if not k.startswith("_")})
     if variant is None:
