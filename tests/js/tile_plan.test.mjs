@@ -16,18 +16,25 @@ test("tile not a multiple of the downscale factor is rounded down, with a note",
   const c = correctTiling({ tileSize: 520, overlap: 64, downscale: 16 });
   assert.equal(c.tileSize, 512);
   assert.equal(c.changed, true);
-  assert.match(c.notes[0], /not a multiple of 16/);
+  assert.deepEqual(c.notes, ["tile 520 → 512 (×16)"]);
   assert.equal(correctTiling({ tileSize: 1000, overlap: 0, downscale: 32 }).tileSize, 992);
 });
 
-test("overlap too large for the tile is clamped to a quarter tile", () => {
+test("overlap too large for the tile is clamped below half the tile", () => {
   const c = correctTiling({ tileSize: 512, overlap: 300, downscale: 8 });
-  assert.equal(c.overlap, 128);
-  assert.equal(maxOverlap(512, 8), 128);
-  assert.match(c.notes.join(";"), /too large for tile 512/);
-  // the quarter is itself rounded to the downscale factor
-  assert.equal(maxOverlap(544, 32), 128);
-  assert.equal(correctTiling({ tileSize: 544, overlap: 1024, downscale: 32 }).overlap, 128);
+  assert.equal(c.overlap, 248);
+  assert.equal(maxOverlap(512, 8), 248);
+  assert.equal(correctTiling({ tileSize: 512, overlap: 256, downscale: 8 }).overlap, 248);
+  assert.deepEqual(c.notes, ["overlap 300 → 248 (< tile/2)"]);
+  // the limit is itself a multiple of the downscale factor, strictly below tile/2
+  assert.equal(maxOverlap(544, 32), 256);
+  assert.equal(maxOverlap(512, 32), 224);
+  assert.equal(maxOverlap(64, 8), 24);
+  assert.equal(correctTiling({ tileSize: 544, overlap: 1024, downscale: 32 }).overlap, 256);
+  for (const [t, ds] of [[64, 8], [512, 8], [520, 8], [1024, 16], [256, 32], [4096, 32]]) {
+    const o = maxOverlap(t, ds);
+    assert.ok(2 * o < t && o % ds === 0 && 2 * (o + ds) >= t, `${t},${ds}`);
+  }
 });
 
 test("overlap is a non-negative multiple of the downscale factor", () => {
@@ -40,40 +47,46 @@ test("tile is kept within the input range and at least 8 latent pixels", () => {
   assert.equal(minTile(32), 256);
   assert.equal(correctTiling({ tileSize: 64, overlap: 0, downscale: 32 }).tileSize, 256);
   assert.equal(correctTiling({ tileSize: 99999, overlap: 0, downscale: 8 }).tileSize, 4096);
-  assert.match(correctTiling({ tileSize: 10, overlap: 0 }).notes[0], /out of range/);
+  assert.deepEqual(correctTiling({ tileSize: 10, overlap: 0 }).notes, ["tile 10 → 64 (64–4096)"]);
 });
 
-test("axis tiles: regular stride, last tile flush with the border, single tile when it fits", () => {
-  assert.deepEqual(axisTiles(512, 512, 64), [{ start: 0, size: 512 }]);
-  assert.deepEqual(axisTiles(300, 512, 64), [{ start: 0, size: 300 }]);
-  assert.deepEqual(axisTiles(1024, 512, 64).map((t) => t.start), [0, 448, 512]);
-  assert.deepEqual(axisTiles(960, 512, 64).map((t) => t.start), [0, 448]);
-  assert.deepEqual(axisTiles(0, 512, 64), []);
-  // every pixel covered, neighbours overlap by at least `overlap`
-  for (const [L, t, o] of [[1000, 256, 32], [2049, 512, 128], [777, 64, 16]]) {
-    const tiles = axisTiles(L, t, o);
+test("axis tiles: ceil(n/t) nearly equal spans without overlap, as vae_core's stream.split", () => {
+  assert.deepEqual(axisTiles(512, 512), [{ start: 0, size: 512 }]);
+  assert.deepEqual(axisTiles(300, 512), [{ start: 0, size: 300 }]);
+  assert.deepEqual(axisTiles(1024, 512).map((t) => t.start), [0, 512]);
+  assert.deepEqual(axisTiles(1100, 512).map((t) => [t.start, t.size]), [[0, 367], [367, 366], [733, 367]]);
+  assert.deepEqual(axisTiles(0, 512), []);
+  for (const [L, t] of [[1000, 256], [2049, 512], [777, 64], [5, 2], [4096, 4096]]) {
+    const tiles = axisTiles(L, t);
+    assert.equal(tiles.length, Math.ceil(L / t));
     assert.equal(tiles[0].start, 0);
     assert.equal(tiles.at(-1).start + tiles.at(-1).size, L);
-    for (let i = 1; i < tiles.length; i++) {
-      assert.ok(tiles[i - 1].start + tiles[i - 1].size - tiles[i].start >= o, `${L},${t},${o}`);
-    }
+    for (let i = 1; i < tiles.length; i++) assert.equal(tiles[i].start, tiles[i - 1].start + tiles[i - 1].size);
+    const sizes = tiles.map((x) => x.size);
+    assert.ok(Math.max(...sizes) - Math.min(...sizes) <= 1 && Math.max(...sizes) <= t, `${L},${t}`);
   }
 });
 
-test("grid of a 1536x1024 image at 512/64 is 4x3", () => {
+test("python rounding: halves go to even", async () => {
+  const { roundHalfEven } = await import("../../web/lib/tile_plan.js");
+  assert.deepEqual([0.5, 1.5, 2.5, 3.5, -0.5, 2.4, 2.6].map(roundHalfEven), [0, 2, 2, 4, -0, 2, 3]);
+});
+
+test("grid of a 1536x1024 image at 512 is 3x2; the image is padded to the downscale factor", () => {
   const g = planGrid({ width: 1536, height: 1024, tileSize: 512, overlap: 64, downscale: 8 });
-  assert.equal(g.cols, 4);
-  assert.equal(g.rows, 3);
-  assert.equal(g.count, 12);
-  assert.equal(g.tiles.length, 12);
+  assert.deepEqual([g.cols, g.rows, g.count, g.tiles.length], [3, 2, 6, 6]);
   assert.deepEqual(g.tiles.at(-1), { x: 1024, y: 512, w: 512, h: 512 });
+  // 1000 px wide at f32 is worked on as 1024: two 512 spans, the last one cropped to the image
+  const p = planGrid({ width: 1000, height: 256, tileSize: 512, overlap: 0, downscale: 32 });
+  assert.deepEqual(p.tiles.map((t) => [t.x, t.w]), [[0, 512], [512, 488]]);
 });
 
 test("grid corrects its inputs first", () => {
   const g = planGrid({ width: 2048, height: 2048, tileSize: 1000, overlap: 900, downscale: 8 });
   assert.equal(g.tileSize, 1000);
-  assert.equal(g.overlap, 248);
+  assert.equal(g.overlap, 496);
   assert.equal(g.notes.length, 1);
+  assert.equal(g.count, 9);
 });
 
 test("memory estimate: tiled peak depends on the tile, untiled on the image", () => {
@@ -125,11 +138,23 @@ test("current values map back to a preset", () => {
 test("summary: unknown size, never mode, server estimate wins", () => {
   assert.equal(summarize({ tileSize: 512, overlap: 64 }).known, false);
   const s = summarize({ width: 1536, height: 1024, tileSize: 512, overlap: 64, mode: "always" });
-  assert.equal(s.tiles, 12);
+  assert.equal(s.tiles, 6);
   assert.ok(s.peakBytes < s.untiledBytes);
   const n = summarize({ width: 1536, height: 1024, tileSize: 512, overlap: 64, mode: "never" });
   assert.equal(n.tiles, 1);
   assert.equal(n.peakBytes, n.untiledBytes);
-  const srv = summarize({ width: 1536, height: 1024, tileSize: 512, overlap: 64, server: { peakBytes: 123 } });
+  const srv = summarize({ width: 1536, height: 1024, tileSize: 512, overlap: 64,
+    server: { peakBytes: 123, tiles: [[0, 0, 768, 1024], [768, 0, 1536, 1024]], cols: 2, rows: 1 } });
   assert.equal(srv.peakBytes, 123);
+  assert.deepEqual([srv.grid.count, srv.grid.cols, srv.grid.rows, srv.grid.tiles[1].w], [2, 2, 1, 768]);
+});
+
+test("VAE family and downscale are guessed from loader file names", async () => {
+  const { guessVae } = await import("../../web/lib/tile_plan.js");
+  assert.deepEqual(guessVae("vae_approx/taef2"), { family: "tiny", downscale: 8, known: true });
+  assert.deepEqual(guessVae("vae_approx/taesana"), { family: "tiny", downscale: 32, known: true });
+  assert.deepEqual(guessVae("dc-ae-f32c32-sana-1.0"), { family: "dc", downscale: 32, known: true });
+  assert.deepEqual(guessVae("sdxl_vae.safetensors"), { family: "kl", downscale: 8, known: true });
+  assert.deepEqual(guessVae("x.safetensors", "dc"), { family: "dc", downscale: 32, known: true });
+  assert.deepEqual(guessVae("", "auto"), { family: "kl", downscale: 8, known: false });
 });

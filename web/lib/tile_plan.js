@@ -32,11 +32,11 @@ function toInt(v, fallback) {
   return Number.isFinite(n) ? n : fallback;
 }
 
-/** Largest overlap allowed for a tile: a quarter of the tile (as ComfyUI core's tiled decode clamps),
- * rounded down to the downscale factor, so the stride (tile - overlap) stays >= 3/4 of the tile. */
+/** Largest overlap allowed for a tile: the largest multiple of the downscale factor below half the tile
+ * (the server rejects overlap * 2 >= tile_size), so the stride (tile - overlap) is more than half a tile. */
 export function maxOverlap(tileSize, downscale = DEFAULTS.downscale) {
   const ds = Math.max(1, toInt(downscale, 1));
-  return Math.floor(Math.floor(tileSize / 4) / ds) * ds;
+  return Math.max(0, Math.floor((Math.ceil(tileSize / 2) - 1) / ds) * ds);
 }
 
 /** Smallest usable tile: the input minimum, but never fewer than 8 latent pixels across. */
@@ -49,8 +49,10 @@ export function minTile(downscale = DEFAULTS.downscale, limits = INPUT_LIMITS) {
  * Correct tile settings the way the Python side does:
  *  - tile_size is rounded down to a multiple of the downscale factor and kept within
  *    [minTile(ds), tileMax];
- *  - overlap is rounded down to a multiple of the downscale factor and clamped to [0, maxOverlap(tile)].
- * Returns the corrected values plus a list of human-readable notes (empty when nothing changed).
+ *  - overlap is rounded down to a multiple of the downscale factor and clamped to [0, maxOverlap(tile)]
+ *    (overlap * 2 < tile_size).
+ * Returns the corrected values plus short notes for the widget, e.g. "overlap 500 → 376 (< tile/2)"
+ * (empty when nothing changed).
  */
 export function correctTiling({ tileSize, overlap, downscale = DEFAULTS.downscale, limits = INPUT_LIMITS } = {}) {
   const ds = Math.max(1, toInt(downscale, DEFAULTS.downscale));
@@ -64,35 +66,39 @@ export function correctTiling({ tileSize, overlap, downscale = DEFAULTS.downscal
   t = Math.min(Math.max(t, minTile(ds, lim)), tMax);
   if (t !== t0) {
     notes.push(t0 % ds !== 0 && t0 >= minTile(ds, lim) && t0 <= tMax
-      ? `tile ${t0} is not a multiple of ${ds} → ${t}`
-      : `tile ${t0} out of range → ${t}`);
+      ? `tile ${t0} → ${t} (×${ds})`
+      : `tile ${t0} → ${t} (${minTile(ds, lim)}–${tMax})`);
   }
 
   let o = Math.max(0, Math.floor(Math.max(o0, 0) / ds) * ds);
   const oMax = maxOverlap(t, ds);
   if (o > oMax) o = oMax;
   if (o !== o0) {
-    notes.push(o0 > oMax ? `overlap ${o0} too large for tile ${t} (max ${oMax}) → ${o}`
-      : o0 < 0 ? `overlap ${o0} < 0 → ${o}`
-        : `overlap ${o0} is not a multiple of ${ds} → ${o}`);
+    notes.push(o0 > oMax ? `overlap ${o0} → ${o} (< tile/2)`
+      : o0 < 0 ? `overlap ${o0} → ${o}`
+        : `overlap ${o0} → ${o} (×${ds})`);
   }
   return { tileSize: t, overlap: o, downscale: ds, changed: t !== t0 || o !== o0, notes };
 }
 
-/** Tile starts along one axis: a regular grid with stride (tile - overlap), the last tile moved back so it
- * ends at the border; a single tile when the size fits. Returns [{start, size}]. */
-export function axisTiles(length, tileSize, overlap) {
+/** Python's round(): halves go to the even neighbour (vae_core computes tile cuts with it). */
+export function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** Tiles along one axis, as vae_core's engine cuts them (vae_core/stream.py split): [0, length) into
+ * ceil(length / tile) nearly equal, non-overlapping spans (no sliver tiles). The engine is exact, so tiles
+ * need no overlap: each sweep reads the few pixels of halo its layers need. Returns [{start, size}]. */
+export function axisTiles(length, tileSize) {
   const L = Math.max(0, toInt(length, 0));
   if (L === 0) return [];
   const t = Math.max(1, toInt(tileSize, 1));
-  if (L <= t) return [{ start: 0, size: L }];
-  const stride = Math.max(1, t - Math.max(0, toInt(overlap, 0)));
-  const n = Math.ceil((L - t) / stride) + 1;
+  const k = Math.max(1, Math.ceil(L / t));
+  const cuts = [];
+  for (let i = 0; i <= k; i++) cuts.push(roundHalfEven((i * L) / k));
   const out = [];
-  for (let i = 0; i < n; i++) {
-    const start = Math.min(i * stride, L - t);
-    out.push({ start, size: t });
-  }
+  for (let i = 0; i < k; i++) out.push({ start: cuts[i], size: cuts[i + 1] - cuts[i] });
   return out;
 }
 
@@ -104,8 +110,12 @@ export function planGrid({ width, height, tileSize, overlap, downscale = DEFAULT
   const c = correctTiling({ tileSize, overlap, downscale, limits });
   const W = Math.max(0, toInt(width, 0));
   const H = Math.max(0, toInt(height, 0));
-  const xs = axisTiles(W, c.tileSize, c.overlap);
-  const ys = axisTiles(H, c.tileSize, c.overlap);
+  // the engine works on the image padded to a multiple of the downscale factor, then crops
+  const pad = (n) => Math.ceil(n / c.downscale) * c.downscale;
+  const clip = (spans, n) => spans.map((t) => ({ start: t.start, size: Math.min(t.start + t.size, n) - t.start }))
+    .filter((t) => t.size > 0);
+  const xs = clip(axisTiles(pad(W), c.tileSize), W);
+  const ys = clip(axisTiles(pad(H), c.tileSize), H);
   const tiles = [];
   for (const y of ys) for (const x of xs) tiles.push({ x: x.start, y: y.start, w: x.size, h: y.size });
   return {
@@ -136,18 +146,18 @@ function regionBytes(w, h, { family = "kl", direction = "decode", downscale = 8,
 }
 
 /**
- * Estimated peak memory (bytes) for a run: untiled (one region = the whole image) and tiled (one tile
- * plus the full-size output kept in fp32). -> { untiled, tiled, tiles }
+ * Estimated peak compute-device memory (bytes): untiled (one region = the whole image) and tiled (one
+ * tile's working set; the engine keeps full-size activations in host RAM or on disk between sweeps).
+ * -> { untiled, tiled, tiles }
  */
 export function estimatePeak({ width, height, tileSize, overlap, downscale = DEFAULTS.downscale,
   family = "kl", direction = "decode", dtypeBytes = 4, limits } = {}) {
   const plan = planGrid({ width, height, tileSize, overlap, downscale, limits });
   const opts = { family, direction, downscale: plan.downscale, dtypeBytes };
   const untiled = regionBytes(plan.width, plan.height, opts);
-  const outputBytes = plan.width * plan.height * 3 * 4;
-  const tw = Math.min(plan.tileSize, plan.width);
-  const th = Math.min(plan.tileSize, plan.height);
-  const tiled = plan.count <= 1 ? untiled : regionBytes(tw, th, opts) + outputBytes;
+  const tw = Math.max(0, ...plan.tiles.map((t) => t.w));
+  const th = Math.max(0, ...plan.tiles.map((t) => t.h));
+  const tiled = plan.count <= 1 ? untiled : regionBytes(tw, th, opts);
   return { untiled, tiled, tiles: plan.count };
 }
 
@@ -190,7 +200,12 @@ export function summarize({ width, height, tileSize, overlap, mode = "auto", dow
   if (!(width > 0 && height > 0)) {
     return { known: false, grid: null, tiles: null, peakBytes: null, corrected: c };
   }
-  const plan = planGrid({ width, height, tileSize: c.tileSize, overlap: c.overlap, downscale, limits });
+  let plan = planGrid({ width, height, tileSize: c.tileSize, overlap: c.overlap, downscale, limits });
+  if (server && Array.isArray(server.tiles) && server.tiles.length) {
+    // the server's own plan (vae_core): [[x0, y0, x1, y1], ...] image-pixel rectangles, end-exclusive
+    const tiles = server.tiles.map(([x0, y0, x1, y1]) => ({ x: x0, y: y0, w: x1 - x0, h: y1 - y0 }));
+    plan = { ...plan, tiles, count: tiles.length, cols: server.cols ?? plan.cols, rows: server.rows ?? plan.rows };
+  }
   const est = estimatePeak({ width, height, tileSize: c.tileSize, overlap: c.overlap, downscale, family,
     direction, dtypeBytes, limits });
   const tiled = mode === "never" ? false : mode === "always" ? plan.count > 1 : null; // null: auto decides
@@ -198,4 +213,18 @@ export function summarize({ width, height, tileSize, overlap, mode = "auto", dow
   if (server && Number.isFinite(server.peakBytes)) peak = server.peakBytes;
   return { known: true, grid: plan, tiles: tiled === false ? 1 : plan.count, peakBytes: peak,
     untiledBytes: est.untiled, tiled, corrected: c };
+}
+
+/** Guess the VAE family and downscale factor from what a loader node shows (file name, family override).
+ * -> {family, downscale, known} ; known=false means "assumed" (a plain KL VAE, 8x). */
+export function guessVae(text = "", familyOverride = "auto") {
+  const t = String(text || "").toLowerCase();
+  const fam = String(familyOverride || "auto").toLowerCase();
+  if (/taesana/.test(t)) return { family: "tiny", downscale: 32, known: true };
+  if (fam === "dc") return { family: "dc", downscale: 32, known: true };
+  if (["kl", "asym", "tiny"].includes(fam)) return { family: fam, downscale: 8, known: true };
+  if (/(^|[^a-z])(dc[-_]?ae|dcae)|sana/.test(t)) return { family: "dc", downscale: 32, known: true };
+  if (/tae(sd|sdxl|sd3|f1|f2)|taesd/.test(t)) return { family: "tiny", downscale: 8, known: true };
+  if (/asym/.test(t)) return { family: "asym", downscale: 8, known: true };
+  return { family: "kl", downscale: 8, known: t.length > 0 };
 }
