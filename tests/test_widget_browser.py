@@ -76,7 +76,8 @@ def test_tile_widget_in_browser(comfy_host):
                 "server_plan_used", "preset_768_sets_ints", "preset_768_grid", "bad_overlap_shown",
                 "bad_overlap_fixed_by_click", "prompt_carries_values", "prompt_accepted",
                 "workflow_widgets_values", "reloaded_workflow_keeps_values", "page_reload_keeps_values",
-                "without_js_values_kept", "without_js_prompt_same", "no_console_error_from_pack"}
+                "without_js_values_kept", "without_js_prompt_same", "encode_and_asym_nodes_have_widget",
+                "no_console_error_from_pack"}
     assert expected <= set(facts["checks"]), sorted(expected - set(facts["checks"]))
 
     # the prompt the page queued ran on the server with those values
@@ -89,3 +90,26 @@ def test_tile_widget_in_browser(comfy_host):
 
     png = ARTIFACTS / "widget_node.png"
     assert png.is_file() and png.stat().st_size > 2000
+
+
+def test_js_grid_matches_vae_core_plan_grid():
+    """The widget's offline grid (web/lib/tile_plan.js) cuts tiles exactly as vae_core.tiling.plan_grid."""
+    if shutil.which("node") is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is missing")
+        pytest.skip("node is missing")
+    from vae_core.tiling import plan_grid
+
+    cases = [(1536, 1024, 512, 64, 8), (1100, 700, 512, 64, 8), (1000, 256, 512, 0, 32), (4096, 2304, 768, 96, 8),
+             (333, 1201, 256, 32, 8), (2048, 2048, 1024, 128, 32), (512, 512, 512, 64, 8), (97, 4000, 64, 16, 8)]
+    script = ("import { planGrid } from './web/lib/tile_plan.js';\n"
+              f"const cases = {json.dumps(cases)};\n"
+              "console.log(JSON.stringify(cases.map(([w, h, t, o, d]) => planGrid({ width: w, height: h, "
+              "tileSize: t, overlap: o, downscale: d }).tiles.map((r) => [r.x, r.y, r.x + r.w, r.y + r.h]))));\n")
+    out = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    js = json.loads(out.stdout)
+    for (w, h, t, o, d), tiles in zip(cases, js):
+        py = plan_grid(width=w, height=h, tile_size=t, overlap=o, downscale=d, family="kl", tiling="always")
+        assert tiles == py["tiles"], (w, h, t, o, d)

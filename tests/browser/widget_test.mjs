@@ -246,6 +246,31 @@ async function main() {
     check("without_js_prompt_same", bInputs.tile_size === 768 && bInputs.overlap === 96, bInputs);
     facts.baseline_ids = baseIds;
 
+    // ------------------------------------------------------------ the encode and inpaint-decode nodes get it too
+    const enc = await page.evaluate(async () => {
+      const { app, LiteGraph } = window;
+      const img = LiteGraph.createNode("EmptyImage");
+      img.pos = [20, 560];
+      app.graph.add(img);
+      img.widgets.find((w) => w.name === "width").value = 2048;
+      img.widgets.find((w) => w.name === "height").value = 1000;
+      const e = LiteGraph.createNode("VAESuiteEncode");
+      e.pos = [380, 560];
+      app.graph.add(e);
+      img.connect(0, e, 0);
+      const a = LiteGraph.createNode("VAESuiteAsymInpaintDecode");
+      app.graph.add(a);
+      const w = e.widgets.find((x) => x.name === "vae_suite_tiles");
+      const st = w?.getState();
+      const out = { encode: !!w, asym: !!a.widgets.find((x) => x.name === "vae_suite_tiles"),
+        size: st?.size, count: st?.summary?.grid?.count,
+        valuesSerialized: e.serialize().widgets_values };
+      app.graph.remove(a);
+      return out;
+    });
+    check("encode_and_asym_nodes_have_widget", enc.encode && enc.asym && enc.size?.width === 2048
+      && enc.size?.height === 1000 && enc.count === 8, enc);
+
     // ------------------------------------------------------------ console errors of the pack
     const baseSet = new Set(baseErrors.map((e) => e.text));
     // ours: anything raised from our JS files, or an error text the page without our JS never logs (the
