@@ -77,7 +77,7 @@ def test_tile_widget_in_browser(comfy_host):
                 "bad_overlap_fixed_by_click", "prompt_carries_values", "prompt_accepted",
                 "workflow_widgets_values", "reloaded_workflow_keeps_values", "page_reload_keeps_values",
                 "without_js_values_kept", "without_js_prompt_same", "encode_and_asym_nodes_have_widget",
-                "no_console_error_from_pack"}
+                "no_console_error_from_pack", "no_failed_request_from_pack"}
     assert expected <= set(facts["checks"]), sorted(expected - set(facts["checks"]))
 
     # the prompt the page queued ran on the server with those values

@@ -126,6 +126,7 @@ function serverPlan(node, q) {
   const hit = routeCache.get(key);
   if (hit && hit !== "pending") return hit === "failed" ? null : hit;
   if (hit === "pending" || Date.now() < routeDownUntil) return null;
+  if (routeCache.size > 256) routeCache.clear();
   routeCache.set(key, "pending");
   api.fetchApi(`${ROUTE}?${key}`).then(async (r) => {
     routeCache.set(key, r.ok ? await r.json() : "failed");

@@ -135,7 +135,11 @@ async function main() {
     const errors = [];
     const packRequests = [];
     watchConsole(page, errors);
-    page.on("response", (r) => { if (PACK_JS.test(r.url())) packRequests.push([r.url(), r.status()]); });
+    const failedResponses = [];
+    page.on("response", (r) => {
+      if (PACK_JS.test(r.url())) packRequests.push([r.url(), r.status()]);
+      if (r.status() >= 400) failedResponses.push([r.status(), r.url()]);
+    });
     await waitReady(page);
 
     const loaded = await page.evaluate(() => {
@@ -277,7 +281,11 @@ async function main() {
     // frontend itself asks api.comfy.org about every custom node type, also without our JS: not ours)
     const ours = errors.filter((e) => PACK_JS.test(e.text) || PACK_JS.test(e.url) || !baseSet.has(e.text));
     facts.console_errors = errors.map((e) => e.text.slice(0, 200));
+    facts.failed_responses = failedResponses;
     check("no_console_error_from_pack", ours.length === 0, ours);
+    // generic "Failed to load resource" texts look alike: also no failed request to our JS or our route
+    const oursHttp = failedResponses.filter(([, u]) => PACK_JS.test(u) || /\/vae_suite\//.test(u));
+    check("no_failed_request_from_pack", oursHttp.length === 0, oursHttp);
   } finally {
     await browser.close();
   }
