@@ -43,6 +43,26 @@ def _widest_channels(model: nn.Module) -> int:
     return widest or 512
 
 
+def memory_estimate(core: CoreVAE, direction: str, shape, dtype) -> float:
+    """Bytes one batch item needs untiled (ComfyUI's memory manager multiplies by the batch it runs).
+
+    vae_core's own model of the network's activations; ComfyUI's AutoencoderKL formula scaled by the widest
+    level where vae_core has no estimate for the family.
+    """
+    f = core.downscale
+    hw = (shape[-2] * f, shape[-1] * f) if direction == "decode" else (shape[-2], shape[-1])
+    try:
+        from ..vae_core import tiling
+
+        need = tiling.estimate_memory(core, direction, hw, None, dtype)
+        if need:
+            return float(need)
+    except Exception as e:  # an estimate must never break a decode
+        log.debug("vae_suite: no vae_core memory estimate (%s)", e)
+    per_px = _KL_DECODE_BYTES_PER_PIXEL if direction == "decode" else _KL_ENCODE_BYTES_PER_PIXEL
+    return per_px * _widest_channels(core.model) / 512.0 * hw[0] * hw[1] * mm.dtype_size(dtype)
+
+
 class CoreAdapter(nn.Module):
     """What ``comfy.sd.VAE`` calls ``first_stage_model``: raw latents in and out, images in [-1, 1]."""
 
@@ -65,10 +85,6 @@ class CoreAdapter(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - ComfyUI never calls forward
         return self.decode(z)
-
-
-def _base_class():
-    return comfy.sd.VAE
 
 
 class SuiteVAE(comfy.sd.VAE):
@@ -99,11 +115,8 @@ class SuiteVAE(comfy.sd.VAE):
 
         adapter = CoreAdapter(core).eval()
         self.first_stage_model = adapter
-        width = _widest_channels(core.model) / 512.0
-        self.memory_used_decode = lambda shape, dtype: (
-            _KL_DECODE_BYTES_PER_PIXEL * width * shape[-2] * shape[-1] * f * f * mm.dtype_size(dtype))
-        self.memory_used_encode = lambda shape, dtype: (
-            _KL_ENCODE_BYTES_PER_PIXEL * width * shape[-2] * shape[-1] * mm.dtype_size(dtype))
+        self.memory_used_decode = lambda shape, dtype: memory_estimate(core, "decode", shape, dtype)
+        self.memory_used_encode = lambda shape, dtype: memory_estimate(core, "encode", shape, dtype)
 
         self.device = device if device is not None else mm.vae_device()
         self.vae_dtype = core.dtype

@@ -19,9 +19,12 @@ Query parameters (all optional except width and height):
       "tiled": true,                         # false when one pass covers the image (or tiling=never)
       "rows": 2, "cols": 3, "count": 6,
       "tiles": [[x0, y0, x1, y1], ...],      # image-pixel rectangles, row-major, end-exclusive
-      "memory": {"untiled_bytes": int, "per_tile_bytes": int}   # float32 estimates; null where unknown
-      "source": "vae_core" | "fallback"      # fallback: vae_core.tiling has no planner yet
+      "memory": {"untiled_bytes": int, "per_tile_bytes": int,   # float32 compute-device estimates
+                 "store_bytes": int | null},                    # activations kept between sweeps (tiled)
+      "exact": true,                         # vae_core's tiling equals the untiled result (no seams)
+      "source": "vae_core" | "fallback"      # fallback: only if vae_core.tiling had no plan_grid
     }
+    Estimates are null for a family vae_core cannot estimate.
 400 answer: {"error": "<message naming the bad parameter>"}
 """
 from __future__ import annotations
@@ -58,7 +61,7 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
 
 def tile_plan(query) -> dict:
     width, height = _int(query, "width"), _int(query, "height")
-    tile_size = _int(query, "tile_size", 512, 16)
+    tile_size = _int(query, "tile_size", 512, 32)
     overlap = _int(query, "overlap", 64, 0)
     family = query.get("family", "kl") or "kl"
     if family not in _DOWNSCALE:
@@ -70,8 +73,6 @@ def tile_plan(query) -> dict:
     tiling = query.get("tiling", "always") or "always"
     if tiling not in ("auto", "always", "never"):
         raise ValueError(f"tiling must be auto, always or never, got {tiling!r}")
-    if overlap * 2 >= tile_size:
-        raise ValueError(f"overlap ({overlap}) must be less than half of tile_size ({tile_size})")
 
     from ..vae_core import tiling as core_tiling
 
