@@ -21,6 +21,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 HOST_DIR = ROOT / ".host" / "ComfyUI"
 PACK_NAME = "comfyui-vae-suite"
+HELPER_PACKS = ROOT / "tests" / "host_packs"
 
 
 def free_port() -> int:
@@ -43,6 +44,9 @@ class ComfyHost:
         link = self.base / "custom_nodes" / PACK_NAME
         if not link.exists():
             link.symlink_to(ROOT, target_is_directory=True)
+        for pack in sorted(HELPER_PACKS.iterdir()) if HELPER_PACKS.is_dir() else []:  # test-only node packs
+            if (pack / "__init__.py").is_file() and not (self.base / "custom_nodes" / pack.name).exists():
+                (self.base / "custom_nodes" / pack.name).symlink_to(pack, target_is_directory=True)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 120.0) -> "ComfyHost":
