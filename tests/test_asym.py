@@ -149,6 +149,11 @@ def test_size_not_multiple_of_8(small):
     assert maxdiff(out, expect) <= TOL
     # a mask already at the decoded (padded) size is taken as is
     assert maxdiff(vae.decode(z, image=image, mask=pad(mask)), expect) <= TOL
+    # a latent-size mask with an odd-sized image: upsampled to the decoded size, no padding needed
+    cells = (torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    with torch.no_grad():
+        expect_cells = ref.decode(z, image=pad(image), mask=cells.repeat_interleave(8, 2).repeat_interleave(8, 3))
+    assert maxdiff(vae.decode(z, image=image, mask=cells), expect_cells.sample[..., :36, :44]) <= TOL
 
 
 def test_single_mask_and_single_image_for_a_batch(small):
@@ -182,6 +187,8 @@ def test_mask_layouts(small):
     assert maxdiff(one, expect[:1]) <= TOL
     # a mask at latent size is resized (nearest) to the image: each latent cell covers an 8x8 block
     small_mask = (torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    with pytest.raises(Exception):  # diffusers needs the mask at image size
+        ref.decode(z, image=image, mask=small_mask)
     with torch.no_grad():
         expect_small = ref.decode(z, image=image, mask=small_mask.repeat_interleave(8, 2).repeat_interleave(8, 3)).sample
     assert maxdiff(vae.decode(z, image=image, mask=small_mask), expect_small) <= TOL
