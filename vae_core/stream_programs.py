@@ -100,6 +100,11 @@ def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
         store = ctx.store
         store.alias(out, x)  # each query tile reads x only at its own core, then overwrites it
         tiles = ctx.tiles(xbuf)
+        h_all, w_all = ctx.hw(xbuf)
+        # keys/values stream in full-width strips of about a query tile's token count (at least 4096 tokens)
+        q_tokens = max(r.h * r.w for r in tiles)
+        rows = max(1, min(h_all, max(q_tokens, 4096) // w_all))
+        key_blocks = [Region(y, min(y + rows, h_all), 0, w_all) for y in range(0, h_all, rows)]
         for r in tiles:
             ctx.check_stop()
             xt = store.buffers[x].read(r, ctx.device, ctx.dtype)
@@ -109,7 +114,7 @@ def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
             m = torch.full(q.shape[:2] + (1,), -math.inf, device=q.device)
             l = torch.zeros_like(m)
             acc = torch.zeros_like(q)
-            for rk in tiles:
+            for rk in key_blocks:
                 kvt = store.buffers[kv].read(rk, ctx.device, ctx.dtype).flatten(2).transpose(1, 2).float()
                 k, v = kvt[..., :c], kvt[..., c:]
                 s = torch.bmm(q, k.transpose(1, 2))
@@ -129,8 +134,10 @@ def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
 
     def work(ctx, tile_px):
         t = max(1, round(tile_px / xbuf.d)) ** 2
-        n = min(t, math.prod(ctx.hw(xbuf)))
-        return 4 * (n * c * 6 + n * n * 3)
+        total = math.prod(ctx.hw(xbuf))
+        n = min(t, total)
+        kb = min(total, max(n, 4096))
+        return 4 * (n * c * 6 + kb * c * 2 + n * kb * 3)
 
     return Custom(run, lambda ctx: len(ctx.tiles(xbuf)), allocs=((out, xbuf),), work=work, inplace=x)
 
