@@ -107,7 +107,7 @@ def small(tmp_path_factory):
     return ref, load_vae(folder)
 
 
-def test_detection_and_variants(small, tmp_path):
+def test_detection_and_variants(small):
     ref, _ = small
     sd = ref.state_dict()
     assert asym.matches(sd) and not kl.matches(sd)
