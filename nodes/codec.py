@@ -54,7 +54,8 @@ class VAESuiteEncode:
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional inpainting mask (1 = inpaint here), the image's size; it "
-                                  "becomes the latent's noise_mask."}),
+                                  "becomes the latent's noise_mask. An all-zero mask (LoadImage's mask of an image "
+                                  "without alpha) is ignored."}),
             },
         }
 
@@ -65,6 +66,8 @@ class VAESuiteEncode:
         x = image_to_core(pixels)
         b, _, h, w = x.shape
         m = mask_to_core(mask, h, w, b, "the image") if mask is not None else None
+        if m is not None and not bool((m > 0).any()):
+            m = None  # nothing to inpaint (e.g. LoadImage's mask of an image without alpha): a plain latent
         tile = tile_option(tiling, tile_size, overlap)
         core = _prepare(vae)
         progress, should_stop = comfy_progress()

@@ -122,6 +122,9 @@ def mask_to_core(mask: torch.Tensor, height: int, width: int, batch: int, what: 
         m = m[:, 0]
     if m.ndim != 3:
         raise VAEError(f"the MASK must be [B,H,W], got shape {list(mask.shape)}")
+    if tuple(m.shape[-2:]) != (height, width) and not bool((m > 0).any()):
+        # an empty mask means the same at any size (LoadImage gives a 64x64 one for images without alpha)
+        return torch.zeros(batch, 1, height, width)
     if tuple(m.shape[-2:]) != (height, width):
         raise VAEError(f"the MASK is {m.shape[-1]}x{m.shape[-2]} (WxH) but {what} is {width}x{height}: give a "
                        "mask of the same size (e.g. resize it, or make it from the same image)")
