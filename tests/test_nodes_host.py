@@ -38,6 +38,14 @@ ASYM_SMALL = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEnc
               "up_block_types": ["UpDecoderBlock2D"] * 4, "up_block_out_channels": [32, 64, 64, 64],
               "layers_per_up_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32,
               "sample_size": 32, "scaling_factor": 0.18215}
+DC_SMALL = {"in_channels": 3, "latent_channels": 8, "attention_head_dim": 8,
+            "encoder_block_types": ("ResBlock", "EfficientViTBlock"),
+            "decoder_block_types": ("ResBlock", "EfficientViTBlock"),
+            "encoder_block_out_channels": (16, 32), "decoder_block_out_channels": (16, 32),
+            "encoder_layers_per_block": (1, 1), "decoder_layers_per_block": (1, 1),
+            "encoder_qkv_multiscales": ((), (5,)), "decoder_qkv_multiscales": ((), (5,)),
+            "upsample_block_type": "interpolate", "downsample_block_type": "conv", "decoder_norm_types": "rms_norm",
+            "decoder_act_fns": "silu", "scaling_factor": 0.41407}
 # What the core VAELoader can build from an ldm file: ch 128, ch_mult [1, 2, 4] (it has no config input).
 KL_CORE_SHAPED = {"block_out_channels": (128, 256, 512), "down_block_types": ("DownEncoderBlock2D",) * 3,
                   "up_block_types": ("UpDecoderBlock2D",) * 3, "latent_channels": 4, "norm_num_groups": 32,
@@ -94,6 +102,10 @@ def models(host):
     asym = _perturb(diffusers.AsymmetricAutoencoderKL(**ASYM_SMALL), 2)
     asym.save_pretrained(vae_dir / "asym_diffusers")
     m.asym = vae_dir / "asym_diffusers"
+
+    torch.manual_seed(0)
+    _perturb(diffusers.AutoencoderDC(**DC_SMALL), 4).save_pretrained(vae_dir / "dc_diffusers")
+    m.dc = vae_dir / "dc_diffusers"
 
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
                "model.diffusion_model.time_embed.0.weight": torch.zeros(8, 4)}, vae_dir / "not_a_vae.safetensors")
@@ -331,6 +343,25 @@ def test_taef2_pair_in_our_and_core_nodes(host, models):
     close(saved_image(host, e, n_solo), x_ref)
 
 
+def test_dc_in_core_and_our_nodes(host, models):
+    ref = load_vae(models.dc)
+    assert ref.family == "dc"
+    z_ref = ref.encode(models.photo)
+    x_ref = ref.decode(z_ref).clamp(-1, 1)
+    g = G()
+    vae, img = ours(g, "dc_diffusers/"), g.photo()
+    z = [g.add("VAEEncode", pixels=img, vae=vae), 0]
+    n_z = g.save_latent(z)
+    n_x = g.save_image([g.add("VAEDecode", samples=z, vae=vae), 0])
+    n_ours = g.save_image([g.add("VAESuiteDecodeTiled", samples=[g.add(
+        "VAESuiteEncode", pixels=img, vae=vae, latent="mean", seed=0, tiling="auto", tile_size=512, overlap=64), 0],
+        vae=vae, tiling="auto", tile_size=512, overlap=64), 0])
+    e = host.run(g.p)
+    close(saved(host, e, n_z), z_ref)
+    close(saved_image(host, e, n_x), x_ref)
+    close(saved_image(host, e, n_ours), x_ref)
+
+
 def test_errors_are_clear_and_the_server_stays_up(host, models):
     g = G()
     dec = g.add("VAESuiteDecodeTiled", samples=[g.add("EmptyLatentImage", width=64, height=64, batch_size=1), 0],
@@ -412,7 +443,8 @@ def test_our_tiled_decode_reports_progress_per_tile_and_is_exact(host, models):
     assert len(prog) >= 4 and prog[-1]["value"] == prog[-1]["max"] >= 4, prog[-3:]  # a 2x2 grid, per sweep
     assert [p["value"] for p in prog] == sorted(p["value"] for p in prog)
     x = saved_image(host, host.wait(pid), n_x)
-    close(x, ref.decode(z).clamp(-1, 1), 1e-3)  # vae_core's tiling is exact
+    d = close(x, ref.decode(z).clamp(-1, 1), 1e-3)  # vae_core's tiling is exact
+    print(f"tiled decode: {len(prog)} progress messages (max {prog[-1]['max']}), max abs diff vs untiled {d:.2e}")
 
 
 def test_interrupt_stops_a_long_tiled_decode(host, models):
@@ -441,6 +473,7 @@ def test_interrupt_stops_a_long_tiled_decode(host, models):
         ws.close()
     kinds = [m["type"] for m in msgs]
     assert "execution_interrupted" in kinds, kinds[-5:]
+    print(f"interrupt: stopped {elapsed:.2f}s after POST /interrupt (first progress {first})")
     assert elapsed < 10, f"the decode took {elapsed:.1f}s to stop"
     last = max((m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == dec),
                default=first["value"])
