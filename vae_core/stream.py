@@ -226,7 +226,7 @@ class Chain(Layer):
         for i, layer in enumerate(self.layers):
             x = layer.apply(x, have, regions[i + 1], hw, ctx)
             have, hw = regions[i + 1], layer.size(hw)
-        return x
+        return x if have == r else crop(x, have, r)
 
     def channels(self, c):
         for layer in self.layers:
@@ -453,6 +453,7 @@ class Sweep:
     inplace: str | None = None
     reduce: Callable | None = None  # reduce(y, ctx) -> folded into ctx.sums[reduce_key] by addition
     reduce_key: str | None = None
+    stats_fn: Callable | None = None  # stats of stats_fn(y, ctx) (a pointwise map of the output) instead of y
 
 
 @dataclass
@@ -584,7 +585,9 @@ class Runner:
             y = s.combine(ys, r, self) if s.combine is not None else (ys[0] if len(ys) == 1 else sum(ys))
             del ys
             if s.stats is not None:
-                self.stats[s.stats] = merge_moments(self.stats.get(s.stats), moments(y))
+                ys = s.stats_fn(y, self) if s.stats_fn is not None else y
+                self.stats[s.stats] = merge_moments(self.stats.get(s.stats), moments(ys))
+                del ys
             if s.reduce is not None:
                 part = s.reduce(y, self)
                 self.sums[s.reduce_key] = part if s.reduce_key not in self.sums else self.sums[s.reduce_key] + part

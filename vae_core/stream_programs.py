@@ -29,13 +29,14 @@ class Builder:
         return f"{self.n}.{tag}"
 
     def sweep(self, layers, tag: str, channels: int, scale: float = 1.0, stats: bool = True, free_src: bool = True,
-              dst: str | None = None, extra=(), combine=None, inplace: bool = False):
+              dst: str | None = None, extra=(), combine=None, inplace: bool = False, stats_fn=None):
         """cur -> layers -> new buffer (``scale``: resolution factor of the layers, 2 for an upsample)."""
         out = Buf(channels, self.buf.d / scale)
         name = dst or self.name(tag)
         branches = [(self.cur, layers if isinstance(layers, Layer) else Chain(layers)), *extra]
         self.p.steps.append(Sweep(branches, name, out, stats=name if stats else None, combine=combine,
-                                  inplace=self.cur if inplace else None))
+                                  inplace=self.cur if inplace and self.cur != self.p.src else None,
+                                  stats_fn=stats_fn))
         if free_src and self.cur != self.p.src:
             self.p.steps.append(Free((self.cur,)))
         self.cur, self.buf = name, out
@@ -211,7 +212,86 @@ def _asym_blend(b: Builder, dec):
     return blend
 
 
-BUILDERS = {"kl": build_kl, "asym": build_kl}
+# ================================================================================================ tiny (TAESD)
+def _relu(t, ctx):
+    return F.relu(t)
+
+
+def _tiny_layer(m) -> Layer:
+    from torch import nn
+    if isinstance(m, nn.Conv2d):
+        return Conv(m)
+    if isinstance(m, nn.ReLU):
+        return Pointwise(_relu)
+    if isinstance(m, nn.Upsample):
+        if m.mode != "nearest" or m.scale_factor != 2:
+            raise VAEError(f"tiling a TAESD with {m.mode} x{m.scale_factor} upsampling is not supported; pass tile=False")
+        return Up(2)
+    if hasattr(m, "fuse"):  # AutoencoderTinyBlock: relu(conv(x) + skip(x))
+        main = [_tiny_layer(c) for c in m.conv]
+        skip = [Conv(m.skip)] if isinstance(m.skip, nn.Conv2d) else []
+        return Residual(main, skip, post=_relu)
+    raise VAEError(f"tiling does not know the TAESD layer {type(m).__name__}; pass tile=False")
+
+
+def _scale_of(layers) -> float:
+    s = 1.0
+    for layer in layers:
+        if isinstance(layer, Up):
+            s *= layer.f
+        elif isinstance(layer, Conv):
+            s /= layer.s[0]
+    return s
+
+
+def build_tiny(model, direction: str, **kw) -> Program:
+    """TAESD: conv/ReLU only, so local chains fuse into one sweep per resolution stage (halo = the stage's
+    receptive field, ~10 px at that stage's resolution). taef2's pool branch ``x + 1x1(ReLU(GN(1x1(x))))`` needs
+    GroupNorm statistics of ``1x1(x)`` over the whole map: the sweep writing x accumulates them (a 1x1 conv of
+    the written tile), then the next sweep applies the branch with the exact statistics."""
+    lat = model.latent_channels
+    f = model.downscale
+    if direction == "decode":
+        net = model.decoder
+        b = Builder("z", Buf(lat, f), "out", Buf(net.layers[-1].out_channels, 1))
+        pending: list[Layer] = [Pointwise(lambda t, ctx: torch.tanh(t / 3.0) * 3.0)]
+        cut_before = lambda m, first: type(m).__name__ == "Upsample"
+        tail: list[Layer] = [Pointwise(lambda t, ctx: t * 2 - 1)]
+    else:
+        net = model.encoder
+        b = Builder("x", Buf(3, 1), "out", Buf(lat, f))
+        pending = [Pointwise(lambda t, ctx: (t + 1) / 2)]
+        seen_stride = []
+
+        def cut_before(m, first):  # before every stride-2 conv but the first
+            if type(m).__name__ == "Conv2d" and m.stride[0] == 2:
+                seen_stride.append(m)
+                return len(seen_stride) > 1
+            return False
+        tail = []
+
+    def flush(stats_fn=None):
+        nonlocal pending
+        c = Chain(pending).channels(b.buf.channels)
+        b.sweep(pending, "stage", c, scale=_scale_of(pending), stats=stats_fn is not None, stats_fn=stats_fn)
+        pending = []
+
+    for i, m in enumerate(net.layers):
+        pool = getattr(m, "pool", None)
+        if pool is not None:
+            p0, norm, p2 = pool[0], pool[1], pool[3]
+            flush(stats_fn=lambda y, ctx, w=p0.weight: F.conv2d(y, w))
+            key = b.cur
+            pending += [Residual([Conv(p0), Pointwise(gn_act(norm, key, "relu")), Conv(p2)]), _tiny_layer(m)]
+            continue
+        if cut_before(m, i == 0) and pending:
+            flush()
+        pending.append(_tiny_layer(m))
+    c = Chain(pending).channels(b.buf.channels)
+    return b.finish(pending + tail)
+
+
+BUILDERS = {"kl": build_kl, "asym": build_kl, "tiny": build_tiny}
 
 
 def build(model, family: str, direction: str, **kw) -> Program:
