@@ -80,7 +80,9 @@ def worker(args) -> None:
     with torch.inference_mode():
         for i in range(args.reps + 1):  # first call warms up (allocator, oneDNN primitives)
             if device.type == "cuda":
-                torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             with PeakRSS() as m:
                 t0 = time.perf_counter()
                 out = fn(inp)

@@ -57,22 +57,31 @@ def load_vae(source: Any, family: str | None = None, variant: str | None = None,
     except (KeyError, ValueError, IndexError) as e:
         raise VAEError(f"the weights look like a {family} VAE but are incomplete (missing {e}): the file may be "
                        "truncated or only part of a model") from None
+    inferred = dict(config)
     if folder_config:
         config.update({k: v for k, v in folder_config.items() if not k.startswith("_")})
+    explicit = variant is not None
     if variant is None:
         variant = mod.guess_variant(sd, config, hints)
     elif variant not in mod.VARIANTS:
         raise VAEError(f"unknown {family} variant {variant!r}; known: {', '.join(mod.VARIANTS)}")
-    if variant in mod.VARIANTS:
-        factors = getattr(mod, "VARIANT_FACTORS", ())
-        preset = mod.VARIANTS[variant]
-        for key in factors:
-            if key in preset or folder_config is None:
-                config[key] = preset.get(key, config.get(key))
+    preset = mod.VARIANTS.get(variant)
+    if preset is not None:
+        factors = set(getattr(mod, "VARIANT_FACTORS", ()))
+        if explicit:
+            clash = [k for k, v in preset.items() if k not in factors and k in inferred
+                     and _shape_value(v) is not None and _shape_value(v) != _shape_value(inferred[k])]
+            if clash:
+                detail = ", ".join(f"{k}={inferred[k]} (variant: {preset[k]})" for k in clash[:3])
+                raise VAEError(f"variant={variant!r} does not fit these weights: {detail}. Use the variant of the "
+                               f"weights (detected: {mod.guess_variant(sd, inferred, hints)!r}) or other weights")
+        folder_wins = folder_config is not None and not explicit and getattr(mod, "FOLDER_FACTORS_APPLY", True)
+        for key in factors:  # an explicit variant wins; a guessed one defers to a diffusers folder's own config
+            if key in preset and not folder_wins:
+                config[key] = preset[key]
         for key, value in preset.items():
             config.setdefault(key, value)
-    model = mod.build(config)
-    _load_weights(model, sd, family, variant)
+    model = _build(mod, config, sd, family, variant)
 
     upcast = ""
     if dtype == torch.float16 and config.get("force_upcast", False):
@@ -80,6 +89,25 @@ def load_vae(source: Any, family: str | None = None, variant: str | None = None,
         log.info("vae_core: %s", upcast)
         dtype = torch.float32
     return VAE(model, family, variant, config, device=device, dtype=dtype, upcast_reason=upcast)
+
+
+def _shape_value(v):
+    """Ints and lists of ints (channel counts, layer counts) compare across configs; anything else is skipped."""
+    if isinstance(v, (tuple, list)):
+        items = [_shape_value(x) for x in v]
+        return None if any(x is None for x in items) else items
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _build(mod, config: dict, sd: dict, family: str, variant: str) -> torch.nn.Module:
+    """Build on the meta device (no random init, one copy of the weights in memory), then assign the tensors."""
+    with torch.device("meta"):
+        model = mod.build(config)
+    _load_weights(model, sd, family, variant)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # state outside the state dict: build for real
+        model = mod.build(config)
+        _load_weights(model, sd, family, variant)
+    return model
 
 
 def _load_weights(model: torch.nn.Module, sd: dict, family: str, variant: str) -> None:

@@ -74,6 +74,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "taesana": {"latent_channels": 32, "scaling_factor": 0.41407, "shift_factor": 0.0, **_F32},  # DC-AE f32c32
 }
 VARIANT_FACTORS = ("scaling_factor", "shift_factor")
+# diffusers' AutoencoderTiny configs always say scaling 1.0 / shift 0.0 (the nets work on scaled latents); the
+# factors that matter here are the full VAE's, which only the variant knows.
+FOLDER_FACTORS_APPLY = False
 
 CLAMP = 3.0  # the decoder squashes its input into (-3, 3) with 3*tanh(z/3)
 
