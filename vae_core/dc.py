@@ -103,10 +103,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dc-ae-f128c512-in-1.0": _in_mix(512, 8, 0.4883),
     "dc-ae-f128c512-mix-1.0": _in_mix(512, 8, 0.3620),
 }
-# A variant decides these; the rest comes from the weights. The shapes are here so that a variant= that does not
-# fit the weights fails with a shape error instead of loading with another model's scaling.
-VARIANT_FACTORS = ("scaling_factor", "force_upcast", "latent_channels", "encoder_block_out_channels",
-                   "decoder_block_out_channels", "encoder_layers_per_block", "decoder_layers_per_block")
+# A variant is a whole released config: with variant= (or a guessed variant) these come from it, so a variant that
+# does not fit the weights fails with a clear shape error instead of loading with another model's scaling.
+VARIANT_FACTORS = tuple(_sana())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,12 +412,26 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.norm_out(x)))
 
 
+def _check_config(cfg: Mapping[str, Any]) -> None:
+    for side in ("encoder", "decoder"):
+        n = len(cfg[f"{side}_block_out_channels"])
+        keys = [f"{side}_layers_per_block", f"{side}_qkv_multiscales", f"{side}_block_types"]
+        keys += ["decoder_norm_types", "decoder_act_fns"] if side == "decoder" else []
+        bad = [f"{k} has {len(cfg[k])}" for k in keys if not isinstance(cfg[k], str) and len(cfg[k]) != n]
+        if bad:
+            raise VAEError(f"inconsistent DC-AE config: {side}_block_out_channels has {n} stages but "
+                           f"{', '.join(bad)}")
+    if len(cfg["encoder_block_out_channels"]) != len(cfg["decoder_block_out_channels"]):
+        raise VAEError("inconsistent DC-AE config: the encoder and decoder have different numbers of stages")
+
+
 class AutoencoderDC(nn.Module):
     """encode(x) -> (latent, None); decode(z) -> image. Scaling is applied by the caller (vae.VAE)."""
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
         cfg = {**DEFAULT_CONFIG, **config}
+        _check_config(cfg)
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
