@@ -103,9 +103,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dc-ae-f128c512-in-1.0": _in_mix(512, 8, 0.4883),
     "dc-ae-f128c512-mix-1.0": _in_mix(512, 8, 0.3620),
 }
-# A variant is a whole released config: with variant= (or a guessed variant) these come from it, so a variant that
-# does not fit the weights fails with a clear shape error instead of loading with another model's scaling.
-VARIANT_FACTORS = tuple(_sana())
+# A variant decides these (a diffusers folder's own config.json wins over a guessed variant); the architecture
+# comes from the weights, and an explicit variant= whose shapes do not fit them is refused by load_vae.
+VARIANT_FACTORS = ("scaling_factor", "force_upcast")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,6 +661,5 @@ def guess_variant(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], hin
 
 
 def build(config: Mapping[str, Any]) -> AutoencoderDC:
-    """The model, built on the meta device: the loader assigns the weights (no random init of ~1B parameters)."""
-    with torch.device("meta"):
-        return AutoencoderDC(config)
+    """load_vae calls this on the meta device and assigns the weights (no random init of ~1B parameters)."""
+    return AutoencoderDC(config)
