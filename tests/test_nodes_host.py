@@ -399,6 +399,11 @@ def test_errors_are_clear_and_the_server_stays_up(host, models):
     g.save_latent([z, 0])
     expect_error(host, g.p, "without an encoder")
 
+    g = G()  # a Hub source while the host is offline (HF_HUB_OFFLINE=1 in tests) and not cached
+    g.save_latent([g.add("VAEEncode", pixels=g.photo(), vae=ours(g, "(hf_source below)",
+                                                                 hf_source="hf:vae-suite-test/none")), 0])
+    expect_error(host, g.p, "hf:vae-suite-test/none")
+
     # the server is still up and runs the next prompt
     g = G()
     vae = ours(g, "kl_single.safetensors")
