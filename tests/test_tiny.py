@@ -185,6 +185,7 @@ def test_taef2_real_roundtrip(taesd_dir, photo):
     assert psnr > 31.5, psnr
 
 
+@pytest.mark.slow
 def test_taef2_real_half_precision_close_to_fp32(taesd_dir, photo):
     """bf16 and fp16 weights give the fp32 result closely (the pool GroupNorm included). Small crop: CPU half
     convs are slow."""
@@ -198,9 +199,9 @@ def test_taef2_real_half_precision_close_to_fp32(taesd_dir, photo):
         assert half.dtype == dtype and next(half.model.parameters()).dtype == dtype
         z16 = half.encode(x)
         assert z16.dtype == torch.float32  # outputs come back in the input's dtype
-        assert (z16 - z32).abs().max().item() < 0.25 and (z16 - z32).abs().mean().item() < 0.03
+        assert (z16 - z32).abs().max().item() < 0.1 and (z16 - z32).abs().mean().item() < 0.02
         psnr = 10 * torch.log10(4 / (half.decode(z32) - y32).pow(2).mean()).item()
-        assert psnr > 35, (dtype, psnr)
+        assert psnr > 45, (dtype, psnr)
 
 
 def test_taesana_real_encoder(taesd_dir, photo):
