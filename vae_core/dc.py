@@ -326,12 +326,36 @@ class DCUpBlock2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
-            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+            y = upsample_conv(x, self.conv.weight, self.conv.bias)
         else:
             y = F.pixel_shuffle(self.conv(x), 2)
         if self.shortcut:
             y = y.add_(channel_to_space(x, self.repeats))
         return y
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv3x3(nearest_upsample_x2(x)), padding 1, computed at the low resolution with 2.25x fewer FLOPs.
+
+    Output row 2i+a of the upsampled conv sees input rows (i-1, i) with kernel rows (w0, w1+w2) when a = 0, and
+    rows (i, i+1) with (w0+w1, w2) when a = 1; the same holds for columns. So each of the four output phases
+    (a, b) is a 2x2 conv of the input padded by one, and one conv with 4x the outputs computes all of them."""
+    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:  # (.., 3, ..) -> (phase, .., 2, ..)
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
+
+    o = weight.shape[0]
+    k = fold(fold(weight, 2), 4)  # (col phase, row phase, O, I, 2, 2)
+    k = k.transpose(0, 1).reshape(4 * o, *weight.shape[1:2], 2, 2)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, None if bias is None else bias.repeat(4))
+    b, _, h1, w1 = y.shape
+    h, w = h1 - 1, w1 - 1
+    y = y.view(b, 2, 2, o, h1, w1)
+    out = y.new_empty(b, o, h, 2, w, 2)
+    for a in (0, 1):
+        for c in (0, 1):
+            out[:, :, :, a, :, c] = y[:, a, c, :, a:a + h, c:c + w]
+    return out.view(b, o, 2 * h, 2 * w)
 
 
 def channel_to_space(x: torch.Tensor, repeats: int) -> torch.Tensor:

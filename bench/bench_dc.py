@@ -1,0 +1,170 @@
+"""AutoencoderDC speed and peak memory: vae_core against diffusers on the same weights, in the same run.
+
+dc-ae-f32c32-sana-1.0 config (312M params, deterministic seeded weights), fp32 on the CPU by default. Each
+(implementation, op, size) runs in its own fresh subprocess, so the peak memory figure is that op's own: the
+high-water mark of the process's resident memory while the op runs, minus the resident memory just before it
+(weights and input excluded). On CUDA the peak is torch.cuda.max_memory_allocated over the op. Ratios are
+ours / diffusers: below 1.0 means ours is faster / smaller. Rows run ours and diffusers back to back; on a
+shared machine compare ratios, not absolute times.
+
+    .venv/bin/python bench/bench_dc.py                           # 512 and 1024, encode and decode, CPU fp32
+    .venv/bin/python bench/bench_dc.py --sizes 512 --reps 3
+    .venv/bin/python bench/bench_dc.py --variant dc-ae-f32c32-mix-1.0 --sizes 512
+    .venv/bin/python bench/bench_dc.py --device cuda --dtype bf16 --sizes 1024 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """Samples the resident set size every 2 ms while the block runs."""
+
+    def __enter__(self):
+        self.base = rss()
+        self.peak = self.base
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, rss())
+
+
+def make_weights(variant: str, folder: Path) -> None:
+    """diffusers' AutoencoderDC at the released config, weights from a seeded pattern (fast: no random init)."""
+    import torch
+    from diffusers import AutoencoderDC
+
+    sys.path.insert(0, str(ROOT))
+    from vae_core import dc
+
+    with torch.device("meta"):
+        model = AutoencoderDC(**{k: v for k, v in dc.VARIANTS[variant].items() if k != "force_upcast"})
+    model = model.to_empty(device="cpu")
+    period = 1_000_003
+    pattern = torch.rand(period, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        for i, (key, t) in enumerate(model.state_dict().items()):
+            if not t.is_floating_point():
+                t.zero_()
+                continue
+            flat, pos, off = t.view(-1), 0, (i * 7919) % period
+            while pos < flat.numel():
+                m = min(flat.numel() - pos, period - off)
+                flat[pos:pos + m] = pattern[off:off + m]
+                pos, off = pos + m, 0
+            if key.endswith("running_var"):
+                t.mul_(0.25).add_(1.0)
+            elif "norm" in key and key.endswith("weight"):
+                t.mul_(0.2).add_(1.0)
+            elif t.ndim == 1:
+                t.mul_(0.1)
+            else:
+                t.mul_(t[0].numel() ** -0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def worker(args) -> None:
+    """One measurement in this process: prints a JSON line."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = torch.device(args.device)
+    if args.impl == "diffusers":
+        from diffusers import AutoencoderDC
+        model = AutoencoderDC.from_pretrained(args.weights).to(device, dtype).eval()
+        enc = lambda x: model.encode(x).latent  # noqa: E731
+        dec = lambda z: model.decode(z).sample  # noqa: E731
+        f, c = model.spatial_compression_ratio, model.config.latent_channels
+    else:
+        from vae_core import load_vae
+        vae = load_vae(args.weights, device=device, dtype=dtype)
+        enc = lambda x: vae.encode(x, tile=False)  # noqa: E731
+        dec = lambda z: vae.decode(z, tile=False)  # noqa: E731
+        f, c = vae.downscale, vae.latent_channels
+    g = torch.Generator().manual_seed(1)
+    size = args.size
+    x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
+    z = torch.randn(1, c, size // f, size // f, generator=g).to(device, dtype)
+    fn, inp = (enc, x) if args.op == "encode" else (dec, z)
+    times, peak = [], 0
+    with torch.inference_mode():
+        for i in range(args.reps + 1):  # the first call warms up (allocator, oneDNN primitives)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            with PeakRSS() as m:
+                t0 = time.perf_counter()
+                out = fn(inp)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            del out
+            peak = max(peak, torch.cuda.max_memory_allocated() - base if device.type == "cuda" else m.peak - m.base)
+            if i > 0 or args.reps == 0:
+                times.append(dt)
+    print(json.dumps({"time": sorted(times)[len(times) // 2], "peak": peak}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sizes in pixels")
+    p.add_argument("--ops", nargs="+", default=["encode", "decode"])
+    p.add_argument("--reps", type=int, default=1, help="timed calls after one warm-up call (median is reported)")
+    p.add_argument("--variant", default="dc-ae-f32c32-sana-1.0")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--impl"), p.add_argument("--op"), p.add_argument("--size", type=int), p.add_argument("--weights")
+    args = p.parse_args()
+    if args.impl:
+        return worker(args)
+
+    import torch
+    tmp = Path(tempfile.mkdtemp())
+    make_weights(args.variant, tmp / "dc")
+    print(f"AutoencoderDC {args.variant} config, seeded weights, {args.device} {args.dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.reps} after a warm-up; own subprocess per row")
+    print(f"{'op':7} {'size':>5} | {'ours s':>8} {'diffusers s':>11} {'ratio':>6} | {'ours MiB':>9} {'diff. MiB':>9} {'ratio':>6}")
+    for size in args.sizes:
+        for op in args.ops:
+            res = {}
+            for impl in ("ours", "diffusers"):
+                cmd = [sys.executable, __file__, "--impl", impl, "--op", op, "--size", str(size), "--weights",
+                       str(tmp / "dc"), "--reps", str(args.reps), "--device", args.device, "--dtype", args.dtype]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{impl} {op} {size} failed:\n{out.stderr[-3000:]}")
+                res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            o, d = res["ours"], res["diffusers"]
+            mib = 2 ** 20
+            print(f"{op:7} {size:5d} | {o['time']:8.2f} {d['time']:11.2f} {o['time'] / d['time']:6.2f} | "
+                  f"{o['peak'] / mib:9.0f} {d['peak'] / mib:9.0f} {o['peak'] / max(d['peak'], 1):6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
