@@ -5,7 +5,8 @@ method), a latent with spatial structure (low-frequency noise), decoded at --siz
 --tile 512 / --overlap 64 pixels. Every method runs in its own subprocess, so peak memory is per method:
 
 - ours_untiled: vae_core, tile=False (the reference every PSNR and time is relative to)
-- ours_tiled:   vae_core, Tiling(tile, overlap, store) (store 'disk' on CPU, 'ram' (host) on CUDA by default)
+- ours_tiled:   vae_core, Tiling(tile, overlap, store) (store 'disk' on CPU, 'ram' (host) on CUDA by default);
+                ours_tiled_ram / ours_tiled_disk / ours_tiled_device name the store explicitly
 - diffusers:    AutoencoderKL.enable_tiling(), tile --tile px, overlap factor --overlap/--tile
 - comfy:        comfy.sd.VAE(sd).decode_tiled(tile_x=tile/8, tile_y=tile/8, overlap=overlap/8) from .host/ComfyUI
 
@@ -92,6 +93,8 @@ def worker(args) -> None:
 
         vae = load_vae(str(workdir / "vae"), device=device)
         store = args.store or ("ram" if device.type == "cuda" else "disk")
+        if method.startswith("ours_tiled_"):  # ours_tiled_ram / _disk / _device: an explicit store
+            store = method[len("ours_tiled_"):]
         tile = False if method == "ours_untiled" else Tiling(args.tile, args.overlap, store=store)
         run = lambda zz: vae.decode(zz.to(device), tile=tile)
     elif method == "diffusers":
