@@ -11,7 +11,7 @@ method), a latent with spatial structure (low-frequency noise), decoded at --siz
 - comfy:        comfy.sd.VAE(sd).decode_tiled(tile_x=tile/8, tile_y=tile/8, overlap=overlap/8) from .host/ComfyUI
 
 Printed per method: PSNR of the decoded image (clamped to [0, 1]) against ours_untiled, peak memory and
-time / ours_untiled time. Peak memory: on CPU the process's peak RSS during the decode (VmHWM, reset after
+time / ours_untiled time (wall clock, and process CPU time, which a busy shared machine disturbs less). Peak memory: on CPU the process's peak RSS during the decode (VmHWM, reset after
 loading) and its rise above the RSS after loading (weights, latent, imports); on CUDA
 torch.cuda.max_memory_allocated during the decode (and the host RSS peak too).
 
@@ -134,12 +134,16 @@ def worker(args) -> None:
     base = rss_bytes()
     reset_peak_rss()
     times = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.repeat if device.type == "cuda" else 1):
         t0 = time.perf_counter()
         out = run(z)
         sync()
         times.append(time.perf_counter() - t0)
-    res = {"method": method, "time_s": sorted(times)[len(times) // 2], "rss_peak": peak_rss_bytes(), "rss_base": base}
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / len(times)
+    res = {"method": method, "time_s": sorted(times)[len(times) // 2], "cpu_s": cpu, "rss_peak": peak_rss_bytes(),
+           "rss_base": base}
     if device.type == "cuda":
         res["dev_peak"] = torch.cuda.max_memory_allocated() - base_dev
     img = ((out.float().cpu().clamp(-1, 1) + 1) / 2)
@@ -190,8 +194,8 @@ def main() -> None:
         print(f"\nSD1-config KL decode, {args.size}x{args.size}, tile {args.tile} / overlap {args.overlap} px, "
               f"device {args.device}, torch threads {torch.get_num_threads()}")
         if args.device == "cpu":
-            print(f"{'method':14} {'PSNR dB':>8} {'peak RSS MB':>12} {'rise MB':>8} {'rise/untiled':>12} "
-                  f"{'time s':>8} {'time/untiled':>12}")
+            print(f"{'method':16} {'PSNR dB':>8} {'peak RSS MB':>12} {'rise MB':>8} {'rise/untiled':>12} "
+                  f"{'time s':>8} {'time/untiled':>12} {'CPU s':>8} {'CPU/untiled':>11}")
         else:
             print(f"{'method':14} {'PSNR dB':>8} {'GPU peak MB':>12} {'peak/untiled':>12} {'time s':>8} "
                   f"{'time/untiled':>12}")
@@ -201,8 +205,9 @@ def main() -> None:
             if args.device == "cpu":
                 rise = r["rss_peak"] - r["rss_base"]
                 rel_m = rise / (ref["rss_peak"] - ref["rss_base"]) if ref else float("nan")
-                print(f"{method:14} {p:8.2f} {r['rss_peak'] / 2**20:12.0f} {rise / 2**20:8.0f} {rel_m:12.3f} "
-                      f"{r['time_s']:8.1f} {rel_t:12.3f}")
+                rel_c = r["cpu_s"] / ref["cpu_s"] if ref else float("nan")
+                print(f"{method:16} {p:8.2f} {r['rss_peak'] / 2**20:12.0f} {rise / 2**20:8.0f} {rel_m:12.3f} "
+                      f"{r['time_s']:8.1f} {rel_t:12.3f} {r['cpu_s']:8.1f} {rel_c:11.3f}")
             else:
                 rel_m = r["dev_peak"] / ref["dev_peak"] if ref else float("nan")
                 print(f"{method:14} {p:8.2f} {r['dev_peak'] / 2**20:12.0f} {rel_m:12.3f} {r['time_s']:8.3f} "
