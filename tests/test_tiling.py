@@ -196,3 +196,43 @@ def test_taef2_real_weights_photo_tiled_psnr(taesd_dir, photo):
     print(f"TAEF2 photo tiled vs untiled decode: PSNR {psnr:.2f} dB, max abs diff {(out - ref).abs().max().item():.3g}")
     assert psnr >= 60
     assert _psnr(ref, photo) > 30  # and the untiled reference is a real reconstruction of the photo
+
+
+# ------------------------------------------------------------------------------------------------ DC-AE
+def _dc_vae(kind):
+    from vae_core import dc
+    R, V = "ResBlock", "EfficientViTBlock"
+    ch = [16, 32, 64, 64]
+    cfg = {"latent_channels": 8, "attention_head_dim": 8, "encoder_block_types": [R, R, V, V],
+           "decoder_block_types": [R, R, V, V], "encoder_block_out_channels": ch, "decoder_block_out_channels": ch,
+           "scaling_factor": 0.4}
+    if kind == "sana":  # conv down / interpolate up, multiscale (5x5) attention, RMSNorm
+        cfg.update(encoder_layers_per_block=[1, 1, 1, 1], decoder_layers_per_block=[1, 2, 1, 1],
+                   encoder_qkv_multiscales=[[], [], [5], [5]], decoder_qkv_multiscales=[[], [], [5], [5]],
+                   downsample_block_type="Conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+                   decoder_act_fns="silu")
+    else:  # in/mix: pixel (un)shuffle, no stem stage, BatchNorm + ReLU in the high-resolution decoder stages
+        cfg.update(encoder_layers_per_block=[0, 2, 1, 1], decoder_layers_per_block=[0, 2, 1, 1],
+                   encoder_qkv_multiscales=[[]] * 4, decoder_qkv_multiscales=[[]] * 4,
+                   downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
+                   decoder_norm_types=["batch_norm"] * 2 + ["rms_norm"] * 2, decoder_act_fns=["relu"] * 2 + ["silu"] * 2)
+    model = _randomize(dc.build(cfg), seed=3, std=0.1)
+    g = torch.Generator().manual_seed(9)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    return VAE(model, "dc", kind, cfg)
+
+
+@pytest.mark.parametrize("kind", ["sana", "in"])
+def test_dc_tiled_equals_untiled(kind):
+    vae = _dc_vae(kind)
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(1, 8, 11, 9, generator=g)
+    prog = Counter()
+    ref = vae.decode(z, tile=False)
+    _close(vae.decode(z, tile=tiling.Tiling(32), progress=prog), ref)
+    assert prog.calls[-1][1] > 20
+    x = torch.rand(1, 3, 104, 80, generator=g) * 2 - 1
+    _close(vae.encode(x, tile=tiling.Tiling(32)), vae.encode(x, tile=False))

@@ -97,7 +97,10 @@ def grid(hw: tuple[int, int], tile: int) -> list[Region]:
 
 # ================================================================================================ layers
 class Layer:
-    """A local op: ``need`` maps an output region to the input region it reads; ``apply`` computes it."""
+    """A local op: ``need`` maps an output region to the input region it reads; ``apply`` computes it.
+    ``scale``: output resolution / input resolution."""
+
+    scale = 1.0
 
     def size(self, hw: tuple[int, int]) -> tuple[int, int]:
         return hw
@@ -129,6 +132,7 @@ class Conv(Layer):
         # (top, bottom, left, right)
         self.pad = (p[0], p[0], p[1], p[1]) if pad is None else pad
         self.pre = pre
+        self.scale = 1.0 / self.s[0]
 
     def size(self, hw):
         t, b, l, r = self.pad
@@ -156,6 +160,7 @@ class Up(Layer):
 
     def __init__(self, factor: int = 2):
         self.f = factor
+        self.scale = float(factor)
 
     def size(self, hw):
         return hw[0] * self.f, hw[1] * self.f
@@ -175,6 +180,7 @@ class Subsample(Layer):
 
     def __init__(self, factor: int):
         self.f = factor
+        self.scale = 1.0 / factor
 
     def size(self, hw):
         return hw[0] // self.f, hw[1] // self.f
@@ -185,6 +191,49 @@ class Subsample(Layer):
 
     def apply(self, x, have, r, hw_in, ctx):
         return crop(x, have, self.need(r))[..., :: self.f, :: self.f]
+
+
+class PixelShuffle(Layer):
+    """F.pixel_shuffle(x, f): channels to space."""
+
+    def __init__(self, factor: int = 2):
+        self.f = factor
+        self.scale = float(factor)
+
+    def size(self, hw):
+        return hw[0] * self.f, hw[1] * self.f
+
+    def need(self, r):
+        return Up(self.f).need(r)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        n = self.need(r)
+        y = F.pixel_shuffle(crop(x, have, n), self.f)
+        return crop(y, Region(n.y0 * self.f, n.y1 * self.f, n.x0 * self.f, n.x1 * self.f), r)
+
+    def channels(self, c):
+        return c // (self.f * self.f)
+
+
+class PixelUnshuffle(Layer):
+    """F.pixel_unshuffle(x, f): space to channels (the buffer's size must be a multiple of f)."""
+
+    def __init__(self, factor: int = 2):
+        self.f = factor
+        self.scale = 1.0 / factor
+
+    def size(self, hw):
+        return hw[0] // self.f, hw[1] // self.f
+
+    def need(self, r):
+        f = self.f
+        return Region(r.y0 * f, r.y1 * f, r.x0 * f, r.x1 * f)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return F.pixel_unshuffle(crop(x, have, self.need(r)), self.f)
+
+    def channels(self, c):
+        return c * self.f * self.f
 
 
 class Pointwise(Layer):
@@ -206,6 +255,7 @@ class Chain(Layer):
 
     def __init__(self, layers: Sequence[Layer]):
         self.layers = list(layers)
+        self.scale = math.prod(layer.scale for layer in self.layers)
 
     def size(self, hw):
         for layer in self.layers:
@@ -239,6 +289,7 @@ class Residual(Layer):
 
     def __init__(self, main: Sequence[Layer], skip: Sequence[Layer] = (), post: Callable | None = None):
         self.main, self.skip, self.post = Chain(main), Chain(skip), post
+        self.scale = self.main.scale
 
     def size(self, hw):
         return self.main.size(hw)

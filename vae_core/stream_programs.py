@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VAEError
-from .stream import (Buf, Chain, Conv, Custom, Free, Layer, Pointwise, Program, Region, Residual, Subsample,
-                     Sweep, Up, gn_act, identity, merge_moments, moments)
+from .stream import (Buf, Chain, Conv, Custom, Free, Layer, PixelShuffle, PixelUnshuffle, Pointwise, Program,
+                     Region, Residual, Subsample, Sweep, Up, crop, gn_act, identity, merge_moments, moments,
+                     zero_outside)
 
 
 class Builder:
@@ -291,7 +292,204 @@ def build_tiny(model, direction: str, **kw) -> Program:
     return b.finish(pending + tail)
 
 
-BUILDERS = {"kl": build_kl, "asym": build_kl, "tiny": build_tiny}
+# ================================================================================================ DC-AE
+class UpConv(Layer):
+    """dc.upsample_conv: conv3x3(nearest_x2(x)) computed at the low resolution (as the untiled DC-AE does)."""
+
+    scale = 2.0
+
+    def __init__(self, conv):
+        self.conv = conv
+
+    def size(self, hw):
+        return hw[0] * 2, hw[1] * 2
+
+    def need(self, r):
+        return Region(r.y0 // 2 - 1, (r.y1 - 1) // 2 + 2, r.x0 // 2 - 1, (r.x1 - 1) // 2 + 2)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        from .dc import upsample_conv
+        n = self.need(r)
+        x = zero_outside(crop(x, have, n), n, hw_in)
+        # upsample_conv zero-pads by one: valid inside, and we keep only rows/cols whose inputs are all in n
+        y = upsample_conv(x, self.conv.weight, self.conv.bias)
+        return crop(y, Region(2 * n.y0, 2 * n.y1, 2 * n.x0, 2 * n.x1), r)
+
+    def channels(self, c):
+        return self.conv.out_channels
+
+
+def _module_fn(m):
+    return lambda t, ctx: m(t)
+
+
+def _group_mean(group):
+    return Pointwise(lambda t, ctx: t.unflatten(1, (-1, group)).mean(dim=2), lambda c: c // group)
+
+
+def _repeat(n):
+    return Pointwise(lambda t, ctx: t.repeat_interleave(n, dim=1), lambda c: c * n)
+
+
+def _dc_layer(m) -> Layer:
+    from . import dc
+    if isinstance(m, dc.ResBlock):
+        return Residual([Conv(m.conv1), Pointwise(lambda t, ctx, a=m.act: a(t)), Conv(m.conv2),
+                         Pointwise(_module_fn(m.norm))])
+    if isinstance(m, dc.DCDownBlock2d):
+        main = [Conv(m.conv)] + ([PixelUnshuffle(2)] if m.pixel_unshuffle else [])
+        skip = [PixelUnshuffle(2), _group_mean(m.group)] if m.shortcut else None
+        return Residual(main, skip) if skip else Chain(main)
+    if isinstance(m, dc.DCUpBlock2d):
+        main = [UpConv(m.conv)] if m.interpolate else [Conv(m.conv), PixelShuffle(2)]
+        skip = [_repeat(m.repeats), PixelShuffle(2)] if m.shortcut else None
+        return Residual(main, skip) if skip else Chain(main)
+    if isinstance(m, dc.GLUMBConv):
+        def glu(t, ctx):
+            h, gate = t.chunk(2, dim=1)
+            return h * F.silu(gate)
+        return Residual([Conv(m.conv_inverted), Pointwise(lambda t, ctx: F.silu(t)), Conv(m.conv_depth),
+                         Pointwise(glu, lambda c: c // 2), Conv(m.conv_point), Pointwise(_module_fn(m.norm))])
+    raise VAEError(f"tiling does not know the DC-AE layer {type(m).__name__}; pass tile=False")
+
+
+class LinearAttention(Layer):
+    """dc.MultiscaleLinearAttention with the global sums ``V K^T`` and ``sum K`` (per head) already reduced
+    over the whole map (ctx.sums[key]); what is left is per pixel: out = ReLU(q) applied to those sums."""
+
+    def __init__(self, attn, key: str | None):
+        self.attn, self.key = attn, key
+        self.halo = max((ms.proj_in.kernel_size[0] // 2 for ms in attn.to_qkv_multiscale), default=0)
+
+    def need(self, r):
+        h = self.halo
+        return Region(r.y0 - h, r.y1 + h, r.x0 - h, r.x1 + h)
+
+    def sources(self, x, have, r, hw_in):
+        """[qkv, multiscale(qkv)...] over r, each (B, heads, 3d, n), float32."""
+        from .dc import pointwise
+        a = self.attn
+        n = self.need(r)
+        x = crop(x, have, n)
+        qkv = pointwise(x, torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]))
+        out = [crop(qkv, n, r)]
+        if a.to_qkv_multiscale:
+            qz = zero_outside(qkv, n, hw_in)
+            for ms in a.to_qkv_multiscale:
+                k = ms.proj_in.kernel_size[0] // 2
+                inner = Region(n.y0 + self.halo - k, n.y1 - self.halo + k, n.x0 + self.halo - k, n.x1 - self.halo + k)
+                t = crop(qz, n, inner)
+                t = F.conv2d(t, ms.proj_in.weight, None, 1, 0, 1, ms.proj_in.groups)
+                out.append(F.conv2d(t, ms.proj_out.weight, None, 1, 0, 1, ms.proj_out.groups))
+        b = x.shape[0]
+        d = a.head_dim
+        return [t.reshape(b, -1, 3 * d, r.h * r.w).float() for t in out]
+
+    def partial(self, x, have, r, hw_in) -> torch.Tensor:
+        """This tile's share of the sums: (B, sources, heads, d+1, d) float64: rows 0..d-1 V K^T, row d sum K."""
+        d = self.attn.head_dim
+        parts = []
+        for g in self.sources(x, have, r, hw_in):
+            k = g[:, :, d:2 * d].relu()
+            v = g[:, :, 2 * d:]
+            kt = k.transpose(-1, -2)
+            parts.append(torch.cat([torch.matmul(v, kt), kt.sum(-2, keepdim=True)], dim=2))
+        return torch.stack(parts, 1).double()
+
+    def apply(self, x, have, r, hw_in, ctx):
+        a = self.attn
+        d = a.head_dim
+        vk = ctx.sums[self.key].float()
+        outs = []
+        for i, g in enumerate(self.sources(x, have, r, hw_in)):
+            q = g[:, :, :d].relu()
+            num_den = torch.matmul(vk[:, i], q)
+            outs.append(num_den[:, :, :d] / (num_den[:, :, d:] + a.eps))
+        b = x.shape[0]
+        o = torch.cat([t.reshape(b, -1, r.h * r.w) for t in outs], 1).to(x.dtype).view(b, -1, r.h, r.w)
+        from .dc import pointwise
+        y = a.norm_out(pointwise(o, a.to_out.weight))
+        return y + crop(x, have, r)
+
+    def channels(self, c):
+        return c
+
+
+class _Partial(Layer):
+    """Adapter: a sweep whose 'output' is the attention's per-tile partial sums (reduced, never stored)."""
+
+    def __init__(self, la: LinearAttention):
+        self.la = la
+
+    def need(self, r):
+        return self.la.need(r)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return self.la.partial(x, have, r, hw_in)
+
+
+class DCBuilder(Builder):
+    """Fuses local layers into one sweep while the halo stays small relative to the tile (<= ~6% per side)."""
+
+    def __init__(self, *a, tile_px: int = 512):
+        super().__init__(*a)
+        self.pending: list[Layer] = []
+        self.tile_px = tile_px
+
+    def local(self, layer: Layer):
+        trial = Chain(self.pending + [layer])
+        t = max(4, round(self.tile_px / (self.buf.d / trial.scale)))
+        r = Region(0, t, 0, t)
+        halo = max(r.y0 - trial.need(r).y0 * trial.scale, 0)
+        if self.pending and halo > max(2, 0.06 * t):
+            self.flush()
+        self.pending.append(layer)
+
+    def flush(self):
+        if self.pending:
+            chain = Chain(self.pending)
+            self.sweep(chain, "dc", chain.channels(self.buf.channels), scale=chain.scale, stats=False)
+            self.pending = []
+
+    def vit(self, block):
+        from .dc import MultiscaleLinearAttention
+        attn: MultiscaleLinearAttention = block.attn
+        self.flush()
+        key = self.name("vk")
+        la = LinearAttention(attn, key)
+        self.p.steps.append(Sweep([(self.cur, _Partial(la))], None, self.buf, reduce=lambda y, ctx: y,
+                                  reduce_key=key))
+        self.pending = [la, _dc_layer(block.conv_out)]
+
+
+def build_dc(model, direction: str, tile_px: int = 512, **kw) -> Program:
+    from . import dc
+    f = model.downscale
+    lat = model.latent_channels
+    if direction == "encode":
+        enc = model.encoder
+        b = DCBuilder("x", Buf(3, 1), "out", Buf(lat, f), tile_px=tile_px)
+        b.local(Conv(enc.conv_in) if isinstance(enc.conv_in, torch.nn.Conv2d) else _dc_layer(enc.conv_in))
+        for stage in enc.down_blocks:
+            for m in stage:
+                b.vit(m) if isinstance(m, dc.EfficientViTBlock) else b.local(_dc_layer(m))
+        final = Residual([Conv(enc.conv_out)], [_group_mean(enc.out_group)]) if enc.out_group else Conv(enc.conv_out)
+        b.local(final)
+    else:
+        dec = model.decoder
+        b = DCBuilder("z", Buf(lat, f), "out", Buf(3, 1), tile_px=tile_px)
+        b.local(Residual([Conv(dec.conv_in)], [_repeat(dec.in_repeats)]) if dec.in_repeats else Conv(dec.conv_in))
+        for stage in reversed(dec.up_blocks):
+            for m in stage:
+                b.vit(m) if isinstance(m, dc.EfficientViTBlock) else b.local(_dc_layer(m))
+        pre = Pointwise(lambda t, ctx: dec.conv_act(dec.norm_out(t.clone())))
+        b.local(pre)
+        b.local(Conv(dec.conv_out) if isinstance(dec.conv_out, torch.nn.Conv2d) else _dc_layer(dec.conv_out))
+    pending, b.pending = b.pending, []
+    return b.finish(Chain(pending))
+
+
+BUILDERS = {"kl": build_kl, "asym": build_kl, "tiny": build_tiny, "dc": build_dc}
 
 
 def build(model, family: str, direction: str, **kw) -> Program:

@@ -115,6 +115,9 @@ def resolve(vae, fn_name, shape, tile, dtype):
             t = Tiling(t.tile_size // 2, t.overlap // 2)
     if hw[0] <= t.tile_size and hw[1] <= t.tile_size:
         return None  # one tile: the untiled run is the same computation
+    head_dim = (getattr(vae.model, "config", None) or {}).get("attention_head_dim")
+    if vae.family == "dc" and head_dim and (hw[0] // vae.downscale) * (hw[1] // vae.downscale) <= head_dim:
+        return None  # DC-AE attends quadratically over <= head_dim tokens: a tiny latent, nothing to gain
     if stream_program(vae.model, vae.family, direction) is None:
         raise VAEError(f"tiled {direction} is not available for the {vae.family} family ({vae.variant}); pass "
                        "tile=False")
@@ -128,12 +131,14 @@ def resolve(vae, fn_name, shape, tile, dtype):
     return Plan(t, store, hw)
 
 
-def stream_program(model, family, direction, **kw):
+def stream_program(model, family, direction, tile_px: int = 512, **kw):
     from . import stream_programs
     if family not in stream_programs.BUILDERS:
         return None
-    if (model.encoder if direction == "encode" else model.decoder) is None:
+    if getattr(model, "encoder" if direction == "encode" else "decoder", None) is None:
         return None
+    if family == "dc":
+        kw["tile_px"] = tile_px
     return stream_programs.build(model, family, direction, **kw)
 
 
@@ -147,7 +152,7 @@ def run(vae, model, fn_name, x, plan: Plan, progress, should_stop, **kw):
         cond = {"image": image, "mask": mask}
     elif kw:
         raise VAEError(f"tiled {direction} got unexpected arguments {sorted(kw)}")
-    program = stream_program(model, vae.family, direction, **cond)
+    program = stream_program(model, vae.family, direction, tile_px=plan.tiling.tile_size, **cond)
     dtype = x.dtype
     store = stream.Store(plan.store, x.device, dtype, directory=os.environ.get("VAE_CORE_TILE_DIR"))
     runner = stream.Runner(program, plan.image_hw, plan.tiling.tile_size, store, x.device, dtype, progress,
@@ -199,7 +204,7 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
     """
     model = getattr(vae_or_model, "model", vae_or_model)
     family = family or getattr(vae_or_model, "family", None)
-    program = stream_program(model, family, direction)
+    program = stream_program(model, family, direction, tile_px=tiling.tile_size if tiling else 512)
     if program is None:
         return {"device_bytes": None, "store_bytes": None, "work_bytes": None, "tiles": None}
     hw = tuple(int(v) for v in image_hw)
