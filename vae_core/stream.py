@@ -73,13 +73,19 @@ def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
     return x[..., want.y0 - have.y0: want.y1 - have.y0, want.x0 - have.x0: want.x1 - have.x0]
 
 
-def zero_outside(x: torch.Tensor, r: Region, hw: tuple[int, int]) -> torch.Tensor:
+def zero_outside(x: torch.Tensor, r: Region, hw: tuple[int, int], inplace: bool = False) -> torch.Tensor:
     """x over region r, with everything outside the buffer [0,h) x [0,w) set to zero (a conv's zero padding)."""
     v = r.clip(hw)
     if v == r:
         return x
     if v.h <= 0 or v.w <= 0:
-        return torch.zeros_like(x)
+        return x.zero_() if inplace else torch.zeros_like(x)
+    if inplace:
+        x[..., : v.y0 - r.y0, :] = 0
+        x[..., v.y1 - r.y0:, :] = 0
+        x[..., :, : v.x0 - r.x0] = 0
+        x[..., :, v.x1 - r.x0:] = 0
+        return x
     inner = crop(x, r, v)
     return F.pad(inner, (v.x0 - r.x0, r.x1 - v.x1, v.y0 - r.y0, r.y1 - v.y1))
 
@@ -122,7 +128,11 @@ class Conv(Layer):
     the zero padding belongs *after* it, as in the untiled network.
     """
 
-    def __init__(self, conv: torch.nn.Conv2d, pre: Callable | None = None, pad: tuple[int, int, int, int] | None = None):
+    def __init__(self, conv: torch.nn.Conv2d, pre: Callable | None = None, pad: tuple[int, int, int, int] | None = None,
+                 inplace: bool = False):
+        # inplace: the input tensor is this layer's alone (a fresh read, or a previous layer's output), so the
+        # pointwise ``pre`` and the zero padding may overwrite it: one tile-sized tensor less at the peak
+        self.inplace = inplace
         self.weight, self.bias = conv.weight, conv.bias
         self.groups = conv.groups
         self.k = tuple(conv.kernel_size)
@@ -147,8 +157,8 @@ class Conv(Layer):
         n = self.need(r)
         x = crop(x, have, n)
         if self.pre is not None:
-            x = self.pre(x, ctx)
-        x = zero_outside(x, n, hw_in)
+            x = self.pre(x, ctx, self.inplace)
+        x = zero_outside(x, n, hw_in, inplace=self.inplace or self.pre is not None)
         return F.conv2d(x, self.weight, self.bias, self.s, 0, 1, self.groups)
 
     def channels(self, c):
@@ -171,7 +181,7 @@ class Up(Layer):
 
     def apply(self, x, have, r, hw_in, ctx):
         n = self.need(r)
-        x = crop(x, have, n).repeat_interleave(self.f, -2).repeat_interleave(self.f, -1)
+        x = F.interpolate(crop(x, have, n), scale_factor=float(self.f), mode="nearest")
         return crop(x, Region(n.y0 * self.f, n.y1 * self.f, n.x0 * self.f, n.x1 * self.f), r)
 
 
@@ -347,9 +357,9 @@ def group_affine(norm: torch.nn.GroupNorm, mom: torch.Tensor, dtype: torch.dtype
 def gn_act(norm: torch.nn.GroupNorm, key: str, act: str | None = "silu") -> Callable:
     """Pointwise fn: GroupNorm ``norm`` with the exact statistics of buffer ``key``, then an activation."""
 
-    def fn(x, ctx):
+    def fn(x, ctx, inplace=False):
         scale, shift = ctx.affine(norm, key, x.dtype, x.device)
-        y = torch.addcmul(shift, x, scale)
+        y = x.mul_(scale).add_(shift) if inplace else torch.addcmul(shift, x, scale)
         if act == "silu":
             y = F.silu(y, inplace=True)
         elif act == "relu":
@@ -373,10 +383,11 @@ class RamBuffer:
         if v.h <= 0 or v.w <= 0:
             return torch.zeros(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype)
         part = self.data[..., v.y0:v.y1, v.x0:v.x1]
-        part = part.to(device=device, dtype=dtype, non_blocking=True, copy=True)
-        if v != r:
-            part = F.pad(part, (v.x0 - r.x0, r.x1 - v.x1, v.y0 - r.y0, r.y1 - v.y1))
-        return part
+        if v == r:
+            return part.to(device=device, dtype=dtype, non_blocking=True, copy=True)
+        out = torch.zeros(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype)
+        out[..., v.y0 - r.y0: v.y1 - r.y0, v.x0 - r.x0: v.x1 - r.x0].copy_(part)
+        return out
 
     def write(self, r: Region, t: torch.Tensor) -> None:
         self.data[..., r.y0:r.y1, r.x0:r.x1].copy_(t)
@@ -414,15 +425,14 @@ class DiskBuffer:
         v = r.clip((h, w))
         if v.h <= 0 or v.w <= 0:
             return torch.zeros((b, c, r.h, r.w), device=device, dtype=dtype)
-        host = torch.empty((b, v.h, v.w, c), dtype=self.dtype)
-        raw = host.view(torch.uint8).numpy()  # [b, vh, vw * c * esize]... as bytes, row-major
-        raw = raw.reshape(b, v.h, -1)
+        alloc = torch.empty if v == r else torch.zeros
+        host = alloc((b, r.h, r.w, c), dtype=self.dtype)  # channels-last rows, as stored
+        raw = host.view(torch.uint8).numpy().reshape(b, r.h, -1)
+        row = c * self.esize
+        cols = slice((v.x0 - r.x0) * row, (v.x1 - r.x0) * row)
         for bi, yi, off in self._rows(v):
-            os.preadv(self.fd, [raw[bi, yi]], off)
-        part = host.permute(0, 3, 1, 2).to(device=device, dtype=dtype)
-        if v != r:
-            part = F.pad(part, (v.x0 - r.x0, r.x1 - v.x1, v.y0 - r.y0, r.y1 - v.y1))
-        return part
+            os.preadv(self.fd, [raw[bi, yi + v.y0 - r.y0, cols]], off)
+        return host.permute(0, 3, 1, 2).to(device=device, dtype=dtype)  # no copy on CPU in the same dtype
 
     def write(self, r: Region, t: torch.Tensor) -> None:
         host = t.detach().to("cpu", self.dtype).permute(0, 2, 3, 1).contiguous()
@@ -633,7 +643,12 @@ class Runner:
                 x = self.store.buffers[name].read(n, self.device, self.dtype)
                 ys.append(layer.apply(x, n, r, hw, self))
                 del x
-            y = s.combine(ys, r, self) if s.combine is not None else (ys[0] if len(ys) == 1 else sum(ys))
+            if s.combine is not None:
+                y = s.combine(ys, r, self)
+            else:  # every branch result is this sweep's own tensor (fresh reads, layer outputs): add in place
+                y = ys[0]
+                for other in ys[1:]:
+                    y = y.add_(other)
             del ys
             if s.stats is not None:
                 ys = s.stats_fn(y, self) if s.stats_fn is not None else y

@@ -53,12 +53,12 @@ class Builder:
         """ResnetBlock2D: h = conv1(silu(gn1(x))); out = conv2(silu(gn2(h))) + shortcut(x)."""
         x, xbuf = self.cur, self.buf
         cout = block.conv1.out_channels
-        h = self.sweep([Conv(block.conv1, gn_act(block.norm1, x))], "h", cout, free_src=False)
+        h = self.sweep([Conv(block.conv1, gn_act(block.norm1, x), inplace=True)], "h", cout, free_src=False)
         skip = Conv(block.conv_shortcut) if block.conv_shortcut is not None else identity()
         self.cur, self.buf = h, self.buf
         same = block.conv_shortcut is None
         out = self.name("res")
-        self.p.steps.append(Sweep([(h, Conv(block.conv2, gn_act(block.norm2, h))), (x, skip)], out,
+        self.p.steps.append(Sweep([(h, Conv(block.conv2, gn_act(block.norm2, h), inplace=True)), (x, skip)], out,
                                   Buf(cout, xbuf.d), stats=out, inplace=x if same else None))
         self.p.steps.append(Free((h, x)))
         self.cur, self.buf = out, Buf(cout, xbuf.d)
@@ -88,6 +88,9 @@ class Builder:
         self.resnet(mid.resnets[1])
 
 
+BLOCK = 4096  # tokens per query block and per key strip in streamed attention
+
+
 def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
     """Exact softmax attention over all tokens with one query tile and one key tile on the device at a time.
 
@@ -103,43 +106,50 @@ def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
         store.alias(out, x)  # each query tile reads x only at its own core, then overwrites it
         tiles = ctx.tiles(xbuf)
         h_all, w_all = ctx.hw(xbuf)
-        # keys/values stream in full-width strips of about a query tile's token count (at least 4096 tokens)
-        q_tokens = max(r.h * r.w for r in tiles)
-        rows = max(1, min(h_all, max(q_tokens, 4096) // w_all))
+        # keys/values stream in full-width strips of about BLOCK tokens; queries go BLOCK at a time, so the
+        # score matrix is at most BLOCK x BLOCK whatever the tile and latent size
+        block = min(BLOCK, max(r.h * r.w for r in tiles))  # scales with the tile, at most BLOCK
+        rows = max(1, min(h_all, block // w_all))
         key_blocks = [Region(y, min(y + rows, h_all), 0, w_all) for y in range(0, h_all, rows)]
         for r in tiles:
             ctx.check_stop()
             xt = store.buffers[x].read(r, ctx.device, ctx.dtype)
             b, _, h, w = xt.shape
             tok = gn_act(norm, x, None)(xt, ctx).flatten(2).transpose(1, 2)
-            q = F.linear(tok, attn.to_q.weight, attn.to_q.bias).float() * scale
-            m = torch.full(q.shape[:2] + (1,), -math.inf, device=q.device)
-            l = torch.zeros_like(m)
-            acc = torch.zeros_like(q)
-            for rk in key_blocks:
-                kvt = store.buffers[kv].read(rk, ctx.device, ctx.dtype).flatten(2).transpose(1, 2).float()
-                k, v = kvt[..., :c], kvt[..., c:]
-                s = torch.bmm(q, k.transpose(1, 2))
-                m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-                p = torch.exp(s - m_new)
-                corr = torch.exp(m - m_new)
-                l = l * corr + p.sum(-1, keepdim=True)
-                acc = torch.baddbmm(acc * corr, p, v)
-                m = m_new
-                del s, p, kvt
-            o = (acc / l).to(ctx.dtype)
-            o = F.linear(o, attn.to_out[0].weight, attn.to_out[0].bias)
+            q_all = F.linear(tok, attn.to_q.weight, attn.to_q.bias).float() * scale
+            del tok
+            o = torch.empty_like(q_all)
+            for q0 in range(0, q_all.shape[1], block):
+                q = q_all[:, q0:q0 + block]
+                m = torch.full(q.shape[:2] + (1,), -math.inf, device=q.device)
+                l = torch.zeros_like(m)
+                acc = torch.zeros_like(q)
+                for rk in key_blocks:
+                    kvt = store.buffers[kv].read(rk, ctx.device, ctx.dtype).flatten(2).transpose(1, 2).float()
+                    k, v = kvt[..., :c], kvt[..., c:]
+                    s = torch.bmm(q, k.transpose(1, 2))
+                    m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+                    p = s.sub_(m_new).exp_()  # in place: one score block at a time
+                    corr = torch.exp(m - m_new)
+                    l = l * corr + p.sum(-1, keepdim=True)
+                    acc = torch.baddbmm(acc * corr, p, v)
+                    m = m_new
+                    del s, p, kvt
+                o[:, q0:q0 + block] = acc / l
+            o = F.linear(o.to(ctx.dtype), attn.to_out[0].weight, attn.to_out[0].bias)
             y = o.transpose(1, 2).reshape(b, c, h, w) + xt
             ctx.stats[out] = merge_moments(ctx.stats.get(out), moments(y))
             store.buffers[out].write(r, y)
             ctx.tick()
 
-    def work(ctx, tile_px):
-        t = max(1, round(tile_px / xbuf.d)) ** 2
+    def work(ctx, tile_px, untiled=False):
         total = math.prod(ctx.hw(xbuf))
-        n = min(t, total)
-        kb = min(total, max(n, 4096))
-        return 4 * (n * c * 6 + kb * c * 2 + n * kb * 3)
+        if untiled:  # blocks.Attention: tokens, q, k, v, out, plus a BLOCK x all-keys score block (chunked_attention)
+            return 4 * (total * c * 6 + min(total, BLOCK) * total)
+        n = min(max(1, round(tile_px / xbuf.d)) ** 2, total)
+        block = min(n, BLOCK)
+        kb = min(total, max(block, ctx.hw(xbuf)[1]))
+        return 4 * (n * c * 4 + kb * c * 4 + block * kb * 2)
 
     return Custom(run, lambda ctx: len(ctx.tiles(xbuf)), allocs=((out, xbuf),), work=work, inplace=x)
 
@@ -151,15 +161,15 @@ def build_kl(model, direction: str, image=None, mask=None) -> Program:
     if direction == "encode":
         enc = model.encoder
         b = Builder("x", Buf(enc.conv_in.in_channels, 1), "out", Buf(enc.conv_out.out_channels, f))
-        b.sweep([Conv(enc.conv_in)], "conv_in", enc.conv_in.out_channels)
+        b.sweep([Conv(enc.conv_in, inplace=True)], "conv_in", enc.conv_in.out_channels)
         for block in enc.down_blocks:
             for r in block.resnets:
                 b.resnet(r)
             if block.downsamplers is not None:
                 conv = block.downsamplers[0].conv
-                b.sweep([Conv(conv, pad=(0, 1, 0, 1))], "down", conv.out_channels, scale=0.5)
+                b.sweep([Conv(conv, pad=(0, 1, 0, 1), inplace=True)], "down", conv.out_channels, scale=0.5)
         b.mid(enc.mid_block)
-        final = [Conv(enc.conv_out, gn_act(enc.conv_norm_out, b.cur))]
+        final = [Conv(enc.conv_out, gn_act(enc.conv_norm_out, b.cur), inplace=True)]
         if getattr(model, "quant_conv", None) is not None:
             final.append(Conv(model.quant_conv))
         return b.finish(final)
@@ -167,7 +177,7 @@ def build_kl(model, direction: str, image=None, mask=None) -> Program:
     dec = model.decoder
     b = Builder("z", Buf(lat, f), "out", Buf(dec.conv_out.out_channels, 1))
     first = [Conv(model.post_quant_conv)] if getattr(model, "post_quant_conv", None) is not None else []
-    b.sweep(first + [Conv(dec.conv_in)], "conv_in", dec.conv_in.out_channels)
+    b.sweep(first + [Conv(dec.conv_in, inplace=True)], "conv_in", dec.conv_in.out_channels)
     b.mid(dec.mid_block)
     blend = _asym_blend(b, dec) if image is not None and mask is not None else None
     if blend is not None:
@@ -179,10 +189,10 @@ def build_kl(model, direction: str, image=None, mask=None) -> Program:
             b.resnet(r)
         if block.upsamplers is not None:
             conv = block.upsamplers[0].conv
-            b.sweep([Up(2), Conv(conv)], "up", conv.out_channels, scale=2)
+            b.sweep([Up(2), Conv(conv, inplace=True)], "up", conv.out_channels, scale=2)
     if blend:
         blend()
-    return b.finish([Conv(dec.conv_out, gn_act(dec.conv_norm_out, b.cur))])
+    return b.finish([Conv(dec.conv_out, gn_act(dec.conv_norm_out, b.cur), inplace=True)])
 
 
 def _asym_blend(b: Builder, dec):

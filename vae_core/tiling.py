@@ -172,25 +172,32 @@ def _bytes(dtype) -> int:
 
 
 def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: stream.Region, esize: int, batch: int) -> int:
-    """Device bytes one tile of a sweep holds at its peak: inputs read, each layer's in/out, the output tile."""
-    total = 0
+    """Device bytes one tile of a sweep holds at its peak: the branch's read (held until the branch is done),
+    each layer's input and output (plus a copy of the input for a conv that may not overwrite it), and the
+    outputs of the branches already done."""
+    done, peak = 0, 0
     for name, layer in s.branches:
         c = runner.p.bufs[name].channels
         n = layer.need(r)
         read = c * n.h * n.w
-        peak = 0
         layers = layer.layers if isinstance(layer, stream.Chain) else [layer]
         regions = [r]
         for lay in reversed(layers):
             regions.append(lay.need(regions[-1]))
         regions.reverse()
+        prev, branch_peak = 0, read
         for i, lay in enumerate(layers):
             rin, rout = regions[i], regions[i + 1]
             cout = lay.channels(c)
-            peak = max(peak, 2 * c * rin.h * rin.w + cout * rout.h * rout.w)
-            c = cout
-        total += read + peak + c * r.h * r.w
-    return total * esize * batch
+            size_in, size_out = c * rin.h * rin.w, cout * rout.h * rout.w
+            copy = size_in if isinstance(lay, stream.Conv) and not lay.inplace else 0
+            if isinstance(lay, stream.Residual):
+                copy = 2 * size_out  # its branches' outputs
+            branch_peak = max(branch_peak, read + prev + copy + size_out)
+            prev, c = size_out, cout
+        peak = max(peak, done + branch_peak)
+        done += c * r.h * r.w
+    return peak * esize * batch
 
 
 def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtype=torch.float32, batch: int = 1,
@@ -212,6 +219,7 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
     runner = stream.Runner(program, hw, tile_px, None, "meta", dtype)
     runner.batch = batch
     es = _bytes(dtype)
+    tiled = tiling is not None
     live, store_peak, work_peak = 0, 0, 0
     sizes = {}
     for s in program.steps:
@@ -234,11 +242,10 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
                     live += sizes[name]
             store_peak = max(store_peak, live)
             if s.work is not None:
-                work_peak = max(work_peak, s.work(runner, tile_px) * batch * es // 4)
+                work_peak = max(work_peak, s.work(runner, tile_px, not tiled) * batch * es // 4)
         elif isinstance(s, stream.Free):
             for n in s.names:
                 live -= sizes.pop(n, 0)
-    tiled = tiling is not None
     store_kind = tiling.store if tiled else "device"
     device = work_peak + (store_peak if (not tiled or store_kind == "device") else 0)
     return {"device_bytes": int(device), "store_bytes": int(store_peak), "work_bytes": int(work_peak),
