@@ -11,6 +11,21 @@ change the result.
 Costs: about the untiled FLOPs plus a few % of halo, plus writing and re-reading each full-resolution
 activation once per sweep (memory bandwidth on the 'ram' store, page-cache/disk I/O on the 'disk' store).
 
+Where the activations between sweeps live (``Tiling.store``): 'ram' (host memory; pinned when computing on
+CUDA), 'disk' (temp files in $VAE_CORE_TILE_DIR or the system temp dir, read and written with pread/pwrite),
+'device' (on the compute device: fastest, not bounded). 'auto': 'ram' on CUDA; on CPU 'ram' while the stored
+activations stay under RAM_STORE_FRACTION of free RAM, else 'disk'. On CPU only the 'disk' store keeps the
+process's memory bounded by the tile: with 'ram' the stored activations are what an untiled run holds anyway.
+
+Checked against the lead's analysis: (1) GroupNorm needs whole-map statistics before a tile passes it, and
+pure recompute from a checkpoint costs ~(number of GN layers / 2) runs: agreed, hence streaming. (2) The latent
+resolution part is streamed too (not run untiled): otherwise K/V and the mid-block activations grow with the
+image and break the bound; attention streams key/value strips with an online softmax. Statistics merge
+per-tile (mean, M2) with Chan's formula in float64 (robust when |mean| >> std, unlike E[x^2] - mean^2 summed
+in float32). (3) TAESD's "halo = receptive field (~18 latent px)" tiling recomputes ~2.4x at 512 px tiles;
+sweeping per resolution stage keeps the halo at ~10 px of that stage (~1.1x compute) at the cost of storing
+the stage outputs.
+
 Public API:
 - ``Tiling(tile_size=512, overlap=64, store="auto")`` (pixels for both directions); ``tile=`` also takes
   None (auto), False, True (defaults) or a dict with those keys.
