@@ -23,7 +23,9 @@ def tile_inputs(default_mode: str = "auto") -> dict:
         "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip":
                       "Tile edge in image pixels (used when tiling is 'always', and as the upper bound in 'auto')."}),
         "overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 16, "tooltip":
-                    "Overlap between neighbouring tiles in image pixels; blended to hide seams."}),
+                    "Overlap between neighbouring tiles in image pixels. VAE Suite's tiling is exact (whole-image "
+                    "GroupNorm statistics, per-layer halos), so the result does not depend on it; it is kept so one "
+                    "setting serves every tiler and old workflows load."}),
     }
 
 
@@ -38,6 +40,13 @@ def tile_option(tiling: str, tile_size: int, overlap: int):
     from ..vae_core.tiling import Tiling
 
     return Tiling(int(tile_size), int(overlap))
+
+
+def run_info(core, height: int, width: int) -> dict:
+    """The ``ui`` part of a node's result: what the tile widget shows as the last run's size."""
+    return {"vae_suite_tiles": [{"width": int(width), "height": int(height), "downscale": int(core.downscale),
+                                 "family": core.family, "variant": core.variant,
+                                 "dtype_bytes": torch.empty((), dtype=core.dtype).element_size()}]}
 
 
 def comfy_progress():

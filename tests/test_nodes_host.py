@@ -270,10 +270,13 @@ def test_our_encode_and_decode_tiled(host, models):
     s2 = g.add("VAESuiteEncode", pixels=img, vae=vae, latent="sample", seed=7, tiling="never", tile_size=512,
                overlap=64, mask=g.mask())
     n_z, n_s1, n_s2 = g.save_latent(z), g.save_latent([s1, 0]), g.save_latent([s2, 0])
-    n_x = g.save_image([g.add("VAESuiteDecodeTiled", samples=z, vae=vae, tiling="never", tile_size=512,
-                              overlap=64), 0])
+    dec = g.add("VAESuiteDecodeTiled", samples=z, vae=vae, tiling="never", tile_size=512, overlap=64)
+    n_x = g.save_image([dec, 0])
     n_core = g.save_image([g.add("VAEDecode", samples=z, vae=vae), 0])
     e = host.run(g.p)
+    # the tile widget's "last run" size comes back as the node's ui output
+    info = e["outputs"][dec]["vae_suite_tiles"][0]
+    assert (info["height"], info["width"]) == tuple(models.photo.shape[-2:]) and info["family"] == "kl"
     close(saved(host, e, n_z), z_ref)
     close(saved_image(host, e, n_x), ref.decode(z_ref).clamp(-1, 1))
     close(saved_image(host, e, n_x), saved_image(host, e, n_core))
