@@ -65,7 +65,8 @@ class Mochi(LatentFormat):
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(1.0 / max(mse, 1e-12)))  # identical pictures: 120 dB
 
 
 def jpeg_roundtrip(img: Image.Image) -> np.ndarray:

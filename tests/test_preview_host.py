@@ -62,8 +62,10 @@ def workflow(seed: int, preview: dict | None, sampler: str = "KSampler", size: i
     return p
 
 
-def run(host, prompt: dict, metadata_client: bool):
-    """Queue the prompt on a fresh websocket; returns (json messages, [(event type, metadata, PIL image)])."""
+def run(host, prompt: dict, metadata_client: bool, texts: bool = False):
+    """Queue the prompt on a fresh websocket; returns (json messages, [(event type, metadata, PIL image)]).
+
+    With ``texts``, progress-text frames come too, as (3, node id, text)."""
     client_id = uuid.uuid4().hex
     ws = host.websocket(client_id)
     try:
@@ -84,6 +86,9 @@ def run(host, prompt: dict, metadata_client: bool):
             (n,) = struct.unpack(">I", frame[4:8])
             meta = json.loads(frame[8:8 + n])
             previews.append((event, meta, Image.open(io.BytesIO(frame[8 + n:])).convert("RGB")))
+        elif event == 3 and texts:  # TEXT: node id length, node id, text
+            (n,) = struct.unpack(">I", frame[4:8])
+            previews.append((event, frame[8:8 + n].decode(), frame[8 + n:].decode()))
     return msgs, previews
 
 
@@ -96,12 +101,27 @@ def saved_latent(host, seed: int) -> torch.Tensor:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(1.0 / max(mse, 1e-12)))  # identical pictures: 120 dB
+
+
+def expected_last_preview(host, seed: int) -> np.ndarray:
+    """The TAESD decode of the prompt's saved (raw) latent, through the server's JPEG (quality 95), in [0, 1].
+
+    Euler's last x0 is the final sample, so the last preview must be this picture: that also checks that the
+    preview undid the model's latent scaling exactly once.
+    """
+    from vae_core import load_vae
+
+    decoder = load_vae(str(host.base / "models" / "vae_approx" / "taesd_decoder.safetensors"), family="tiny",
+                       variant="taesd")
+    image = decoder.decode(saved_latent(host, seed).float(), tile=False)[0].clamp(-1, 1).add(1).mul(127.5).round()
+    buf = io.BytesIO()
+    Image.fromarray(image.to(torch.uint8).permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=95)
+    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255
 
 
 def test_ksampler_gets_one_taesd_preview_per_step(host):
-    from vae_core import load_vae
-
     msgs, previews = run(host, workflow(101, {"max_size": 512, "max_rate": 0.0}), metadata_client=True)
     assert len(previews) == STEPS, f"{len(previews)} preview frames for {STEPS} steps"
     for event, meta, image in previews:
@@ -111,20 +131,42 @@ def test_ksampler_gets_one_taesd_preview_per_step(host):
     progress = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "5"]
     assert progress and max(progress) == STEPS
 
-    # The last x0 of euler is the final sample: the last preview must be the TAESD decode of the saved latent
-    # (the raw latent, so this also checks that the preview undid the model's latent scaling exactly once),
-    # up to the server's JPEG (quality 95), which we apply to the expected picture too.
-    decoder = load_vae(str(host.base / "models" / "vae_approx" / "taesd_decoder.safetensors"), family="tiny",
-                       variant="taesd")
-    expected = decoder.decode(saved_latent(host, 101).float())[0].clamp(-1, 1).add(1).mul(127.5).round()
-    expected = Image.fromarray(expected.to(torch.uint8).permute(1, 2, 0).numpy())
-    buf = io.BytesIO()
-    expected.save(buf, format="JPEG", quality=95)
-    expected = np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255
     got = np.asarray(previews[-1][2], dtype=np.float32) / 255
-    assert psnr(got, expected) >= 40.0, psnr(got, expected)
+    assert psnr(got, expected_last_preview(host, 101)) >= 40.0
     first = np.asarray(previews[0][2], dtype=np.float32) / 255
     assert psnr(first, got) < 30.0  # the previews follow x0 step by step, they are not one repeated image
+
+
+def test_vae_input_decodes_the_previews(host):
+    # A decode-only TAESD loaded by the suite's loader, given to the node: the previews go through its VAE.
+    prompt = workflow(104, {"max_size": 512, "max_rate": 0.0})
+    prompt["6"] = {"class_type": "VAESuiteLoader", "inputs": {
+        "vae_name": "vae_approx/taesd_decoder.safetensors", "hf_source": "", "family": "auto", "variant": "auto",
+        "dtype": "auto"}}
+    prompt["4"]["inputs"]["vae"] = ["6", 0]
+    msgs, previews = run(host, prompt, metadata_client=True)
+    assert len(previews) == STEPS
+    got = np.asarray(previews[-1][2], dtype=np.float32) / 255
+    assert got.shape == (SIZE, SIZE, 3)
+    assert psnr(got, expected_last_preview(host, 104)) >= 40.0
+
+
+def test_missing_weights_fall_back_to_latent2rgb_and_say_so(host):
+    decoder = host.base / "models" / "vae_approx" / "taesd_decoder.safetensors"
+    parked = host.base / "parked_taesd_decoder.safetensors"
+    decoder.rename(parked)
+    try:
+        msgs, previews = run(host, workflow(105, {"max_size": 512, "max_rate": 0.0}), metadata_client=True,
+                             texts=True)
+    finally:
+        parked.rename(decoder)
+    texts = [t for t in previews if t[0] == 3]
+    images = [t for t in previews if t[0] != 3]
+    assert len(images) == STEPS  # sampling ran, with latent2rgb previews (one RGB pixel per latent pixel)
+    assert all(image.size == (SIZE // 8, SIZE // 8) for _, _, image in images)
+    assert len(texts) == 1, texts  # said once, on the sampler node, naming the files and the folder
+    node, text = texts[0][1], texts[0][2]
+    assert node == "5" and "taesd_decoder.pth" in text and "vae_approx" in text
 
 
 def test_no_previews_without_the_node(host):
