@@ -148,7 +148,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     make_weights(args.variant, tmp / "dc")
     print(f"AutoencoderDC {args.variant} config, seeded weights, {args.device} {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.reps} after a warm-up; own subprocess per row")
+          f"{torch.get_num_threads()} threads; " + (f"median of {args.reps} after a warm-up" if args.reps else
+          "one cold call each (--reps 0)") + "; own subprocess per row")
     print(f"{'op':7} {'size':>5} | {'ours s':>8} {'diffusers s':>11} {'ratio':>6} | {'ours MiB':>9} {'diff. MiB':>9} {'ratio':>6}")
     for size in args.sizes:
         for op in args.ops:
