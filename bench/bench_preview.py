@@ -5,6 +5,7 @@ JPEG (quality 95) the server encodes before sending. Timed for a 1024x1024 image
 of the released taesd size (seeded random weights: the cost does not depend on the values):
 
 - ``ours@512``  the node's default (max_size 512): the decoder skips its last upsampling
+- ``ours@256``  max_size 256: the last two upsamplings skipped
 - ``ours@1024`` no cap: the full decode
 - ``core``      ComfyUI's own TAESD previewer (``--preview-method taesd``: full decode, then the server scales the
                 picture to its 512 preview size), from ``.host/ComfyUI`` when present
@@ -118,7 +119,7 @@ def main() -> None:
             return jpeg(pv.render_preview(decoder, raw, max_size))
         return run
 
-    previews = {"ours@512": ours(512), f"ours@{a.size}": ours(a.size)}
+    previews = {"ours@256": ours(256), "ours@512": ours(512), f"ours@{a.size}": ours(a.size)}
     core = core_previewer(str(tmp / "taesd_decoder.safetensors"), device)
     if core is not None:
         previews["core"] = lambda: core(x0)
