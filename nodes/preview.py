@@ -24,7 +24,6 @@ tests and the bench use them outside the host; the ComfyUI parts are imported in
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
