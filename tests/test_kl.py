@@ -345,3 +345,15 @@ def test_hub_reference_resolves_from_local_cache_offline(small, tmp_path, monkey
         load_vae("hf:acme/not-cached/vae")
     with pytest.raises(VAEError, match="bad Hub reference"):
         load_vae("hf:nonsense")
+
+
+def test_generic_file_names_take_the_folder_name_as_hint(small, tmp_path):
+    """`ae.safetensors` or `model.safetensors` say nothing; the folder holding them names the model."""
+    _, root = small
+    data = (root / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "sdxl-vae").mkdir()
+    (tmp_path / "sdxl-vae" / "model.safetensors").write_bytes(data)
+    (tmp_path / "xl_stuff").mkdir()
+    (tmp_path / "xl_stuff" / "my_sd15_vae.safetensors").write_bytes(data)
+    assert load_vae(tmp_path / "sdxl-vae" / "model.safetensors").variant == "sdxl"
+    assert load_vae(tmp_path / "xl_stuff" / "my_sd15_vae.safetensors").variant == "sd1"  # a specific name wins

@@ -28,6 +28,8 @@ CLASS_TO_FAMILY = {
 }
 _CONTAINERS = ("state_dict", "model", "module", "model_state_dict", "ema")
 _PREFIXES = ("first_stage_model.", "vae.", "model.vae.")
+# File names that say nothing about the model (the folder holding them does: mit-han-lab/dc-ae-f32c32-in-1.0/...)
+GENERIC_STEMS = {"model", "diffusion_pytorch_model", "pytorch_model", "vae", "ae", "weights", "checkpoint"}
 
 
 def family_module(name: str):
@@ -201,7 +203,10 @@ def read_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         raise VAEError(f"VAE file not found: {path}")
     sd, meta = read_weights(path)
     sd = unwrap_state_dict(sd)
-    hints = {"filename": path.name, "metadata": " ".join(f"{k}={v}" for k, v in meta.items() if len(v) < 300)}
+    name = path.name
+    if path.stem.split(".")[0].lower() in GENERIC_STEMS:  # model.safetensors etc.: the folder names the model
+        name = f"{path.parent.name}/{path.name}"
+    hints = {"filename": name, "metadata": " ".join(f"{k}={v}" for k, v in meta.items() if len(v) < 300)}
     return sd, None, hints
 
 
