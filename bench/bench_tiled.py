@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per method on CUDA (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --workdir: keep the inputs and the results of methods not in --methods from an earlier run")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -174,8 +176,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_tiled_") as tmp:
         workdir = Path(args.workdir or tmp)
-        make_inputs(workdir, args.size, args.seed)
-        results = {}
+        saved = workdir / "results.json"
+        results = json.loads(saved.read_text()) if args.reuse and saved.is_file() else {}
+        if not (args.reuse and (workdir / "latent.pt").is_file()):
+            make_inputs(workdir, args.size, args.seed)
+            results = {}
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--worker", method, "--workdir", str(workdir), "--size", str(args.size),
                    "--tile", str(args.tile), "--overlap", str(args.overlap), "--device", args.device,
@@ -187,6 +192,8 @@ def main() -> None:
                 print(f"{method}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
                 continue
             results[method] = json.loads(line[0][7:])
+            results[method]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            saved.write_text(json.dumps(results, indent=1))
             print(f"  {method} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
 
         ref_img = torch.load(workdir / "ours_untiled.pt") if "ours_untiled" in results else None

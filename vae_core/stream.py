@@ -320,8 +320,16 @@ class Residual(Layer):
 def moments(x: torch.Tensor) -> torch.Tensor:
     """Per (batch, channel) [count, mean, M2] of a tile, float64, for exact merging (Chan et al.)."""
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    var, mean = torch.var_mean(xf, dim=(2, 3), correction=0)
-    n = float(x.shape[2] * x.shape[3])
+    b, c, h, w = xf.shape
+    n = float(h * w)
+    if not xf.is_contiguous() and xf.is_contiguous(memory_format=torch.channels_last):
+        # channels-last tiles (the disk store's layout): var_mean is slow on this layout; two passes over the
+        # (B, HW, C) view are fast and just as exact (centred sum of squares)
+        flat = xf.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        mean = flat.mean(1)
+        var = (flat - mean[:, None]).square_().sum(1) / n
+    else:
+        var, mean = torch.var_mean(xf, dim=(2, 3), correction=0)
     return torch.stack([torch.full_like(mean, n, dtype=torch.float64), mean.double(), var.double() * n])
 
 
@@ -425,8 +433,12 @@ class DiskBuffer:
         v = r.clip((h, w))
         if v.h <= 0 or v.w <= 0:
             return torch.zeros((b, c, r.h, r.w), device=device, dtype=dtype)
-        alloc = torch.empty if v == r else torch.zeros
-        host = alloc((b, r.h, r.w, c), dtype=self.dtype)  # channels-last rows, as stored
+        host = torch.empty((b, r.h, r.w, c), dtype=self.dtype)  # channels-last rows, as stored
+        if v != r:  # zero what lies outside the buffer (only those rows and columns)
+            host[:, : v.y0 - r.y0].zero_()
+            host[:, v.y1 - r.y0:].zero_()
+            host[:, :, : v.x0 - r.x0].zero_()
+            host[:, :, v.x1 - r.x0:].zero_()
         raw = host.view(torch.uint8).numpy().reshape(b, r.h, -1)
         row = c * self.esize
         cols = slice((v.x0 - r.x0) * row, (v.x1 - r.x0) * row)
