@@ -38,10 +38,9 @@ from preview_models import taesd_decoder_state_dict  # noqa: E402
 
 
 def load_preview_module():
-    spec = importlib.util.spec_from_file_location("vae_suite_preview", ROOT / "nodes" / "preview.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from pack import import_pack_module  # tests/pack.py: the pack as ComfyUI imports it
+
+    return import_pack_module("nodes.preview")
 
 
 class SD15Format:  # stand-in for comfy.latent_formats.SD15 (what the node reads from the model)

@@ -33,10 +33,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-try:  # inside the pack (ComfyUI imports it as a package)
-    from ..vae_core import VAEError, load_vae
-except ImportError:  # loaded as a plain module by the tests and the bench (repo root on sys.path)
-    from vae_core import VAEError, load_vae
+from ..vae_core import VAEError, load_vae
 
 log = logging.getLogger("vae_suite")
 

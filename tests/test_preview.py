@@ -17,11 +17,9 @@ from preview_models import taesd_decoder_state_dict
 
 
 def _load_preview_module():
-    # nodes/ is a ComfyUI-side package; preview.py keeps its ComfyUI imports inside functions, so load it alone.
-    spec = importlib.util.spec_from_file_location("vae_suite_preview", ROOT / "nodes" / "preview.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from pack import import_pack_module  # tests/pack.py: the pack as ComfyUI imports it
+
+    return import_pack_module("nodes.preview")
 
 
 pv = _load_preview_module()
