@@ -68,8 +68,8 @@ class VAESuiteEncode:
         m = mask_to_core(mask, h, w, b, "the image") if mask is not None else None
         if m is not None and not bool((m > 0).any()):
             m = None  # nothing to inpaint (e.g. LoadImage's mask of an image without alpha): a plain latent
-        tile = tile_option(tiling, tile_size, overlap)
         core = _prepare(vae)
+        tile = tile_option(tiling, tile_size, overlap, core.downscale)
         progress, should_stop = comfy_progress()
         gen = torch.Generator("cpu").manual_seed(int(seed)) if latent == "sample" else None
         try:
@@ -110,8 +110,8 @@ class VAESuiteDecodeTiled:
     @clean_errors
     def decode(self, samples, vae, tiling="auto", tile_size=512, overlap=64):
         z = latent_samples(samples)
-        tile = tile_option(tiling, tile_size, overlap)
         core = _prepare(vae)
+        tile = tile_option(tiling, tile_size, overlap, core.downscale)
         progress, should_stop = comfy_progress()
         try:
             images = core.decode(z, tile=tile, progress=progress, should_stop=should_stop)
@@ -160,8 +160,8 @@ class VAESuiteAsymInpaintDecode:
         x = x.expand(b, -1, -1, -1)
         h, w = x.shape[-2:]
         m = mask_to_core(mask, h, w, b, "the image")
-        tile = tile_option(tiling, tile_size, overlap)
         core = _prepare(vae)
+        tile = tile_option(tiling, tile_size, overlap, core.downscale)
         progress, should_stop = comfy_progress()
         try:
             images = core.decode(z, image=x, mask=m, tile=tile, progress=progress, should_stop=should_stop)

@@ -29,17 +29,21 @@ def tile_inputs(default_mode: str = "auto") -> dict:
     }
 
 
-def tile_option(tiling: str, tile_size: int, overlap: int):
-    """Node widgets -> vae_core's ``tile=`` argument (None: auto, False: never, Tiling: always)."""
+def tile_option(tiling: str, tile_size: int, overlap: int, downscale: int):
+    """Node widgets -> vae_core's ``tile=`` argument (None: auto, False: never, Tiling: always).
+
+    Sizes that do not fit the VAE are corrected as the widget shows them (vae_core.tiling.correct_tiling).
+    """
     if tiling == "never":
         return False
     if tiling == "auto":
         return None
     if tiling != "always":
         raise VAEError(f"tiling must be one of {', '.join(TILE_MODES)}, got {tiling!r}")
-    from ..vae_core.tiling import Tiling
+    from ..vae_core.tiling import NODE_TILE_MAX, NODE_TILE_MIN, Tiling, correct_tiling
 
-    return Tiling(int(tile_size), int(overlap))
+    size, lap, _ = correct_tiling(int(tile_size), int(overlap), downscale, NODE_TILE_MIN, NODE_TILE_MAX, min_latent=8)
+    return Tiling(size, lap)
 
 
 def run_info(core, height: int, width: int) -> dict:

@@ -22,7 +22,8 @@ Query parameters (all optional except width and height):
       "memory": {"untiled_bytes": int, "per_tile_bytes": int,   # float32 compute-device estimates
                  "store_bytes": int | null},                    # activations kept between sweeps (tiled)
       "exact": true,                         # vae_core's tiling equals the untiled result (no seams)
-      "source": "vae_core" | "fallback"      # fallback: only if vae_core.tiling had no plan_grid
+      "corrections": ["overlap 500 -> 376 (< tile/2)", ...],   # what vae_core.tiling.correct_tiling changed
+      "source": "vae_core"
     }
     Estimates are null for a family vae_core cannot estimate.
 400 answer: {"error": "<message naming the bad parameter>"}
@@ -51,14 +52,6 @@ def _int(q, name, default=None, lo=1, hi=1 << 20):
     return v
 
 
-def _starts(size: int, tile: int, overlap: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    step = max(1, tile - overlap)
-    starts = list(range(0, size - tile, step)) + [size - tile]
-    return sorted(set(starts))
-
-
 def tile_plan(query) -> dict:
     width, height = _int(query, "width"), _int(query, "height")
     tile_size = _int(query, "tile_size", 512, 32)
@@ -74,32 +67,12 @@ def tile_plan(query) -> dict:
     if tiling not in ("auto", "always", "never"):
         raise ValueError(f"tiling must be auto, always or never, got {tiling!r}")
 
-    from ..vae_core import tiling as core_tiling
+    from ..vae_core.tiling import plan_grid
 
-    planner = getattr(core_tiling, "plan_grid", None)
-    if planner is not None:  # vae_core's own planner once it exists
-        plan = planner(width=width, height=height, tile_size=tile_size, overlap=overlap, downscale=f, mode=mode,
-                       family=family, tiling=tiling)
-        plan.setdefault("source", "vae_core")
-        return plan
-    tiles = []
-    if tiling == "never":
-        ys, xs = [0], [0]
-        t_h, t_w = height, width
-    else:
-        t_h, t_w = min(tile_size, height), min(tile_size, width)
-        ys, xs = _starts(height, tile_size, overlap), _starts(width, tile_size, overlap)
-    for y in ys:
-        for x in xs:
-            tiles.append([x, y, x + t_w, y + t_h])
-    per_px = 2178 * 4 if mode == "decode" else 1767 * 4
-    return {
-        "width": width, "height": height, "tile_size": tile_size, "overlap": overlap, "family": family,
-        "downscale": f, "mode": mode, "tiled": len(tiles) > 1, "rows": len(ys), "cols": len(xs),
-        "count": len(tiles), "tiles": tiles,
-        "memory": {"untiled_bytes": per_px * width * height, "per_tile_bytes": per_px * t_w * t_h},
-        "source": "fallback",
-    }
+    plan = plan_grid(width=width, height=height, tile_size=tile_size, overlap=overlap, downscale=f, mode=mode,
+                     family=family, tiling=tiling)
+    plan["source"] = "vae_core"
+    return plan
 
 
 @PromptServer.instance.routes.get("/vae_suite/tile_plan")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -113,3 +114,37 @@ def test_js_grid_matches_vae_core_plan_grid():
     for (w, h, t, o, d), tiles in zip(cases, js):
         py = plan_grid(width=w, height=h, tile_size=t, overlap=o, downscale=d, family="kl", tiling="always")
         assert tiles == py["tiles"], (w, h, t, o, d)
+
+
+def test_js_correction_matches_vae_core():
+    """The widget corrects tile_size/overlap exactly as the nodes do (vae_core.tiling.correct_tiling)."""
+    if shutil.which("node") is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is missing")
+        pytest.skip("node is missing")
+    from vae_core.tiling import NODE_TILE_MAX, NODE_TILE_MIN, correct_tiling
+
+    cases = [(512, 64, 8), (500, 500, 8), (768, 96, 8), (100, 0, 32), (4096, 3000, 8), (70, 70, 8), (64, -5, 8),
+             (1000, 130, 32), (9000, 64, 8), (512, 255, 1), (640, 320, 16), (96, 47, 8)]
+    script = ("import { correctTiling } from './web/lib/tile_plan.js';\n"
+              f"const cases = {json.dumps(cases)};\n"
+              "console.log(JSON.stringify(cases.map(([t, o, d]) => { const r = correctTiling({ tileSize: t, "
+              "overlap: o, downscale: d }); return [r.tileSize, r.overlap, r.changed]; })));\n")
+    out = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    for (t, o, d), js in zip(cases, json.loads(out.stdout)):
+        size, lap, notes = correct_tiling(t, o, d, NODE_TILE_MIN, NODE_TILE_MAX, min_latent=8)
+        assert js == [size, lap, bool(notes)], ((t, o, d), js, (size, lap, notes))
+
+
+def test_js_unit_tests_pass():
+    """The widget's pure logic (web/lib/tile_plan.js) under node's own test runner (tests/js/)."""
+    if shutil.which("node") is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is missing")
+        pytest.skip("node is missing")
+    out = subprocess.run(["node", "--test", "tests/js/"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    passed = int(re.search(r"^# pass (\d+)", out.stdout, re.M).group(1))
+    assert passed >= 10 and re.search(r"^# fail 0$", out.stdout, re.M), out.stdout[-2000:]

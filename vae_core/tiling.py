@@ -51,6 +51,8 @@ AUTO_FRACTION = 0.8
 # On CPU, the 'auto' store spills to disk when the stored activations would exceed this fraction of free RAM.
 RAM_STORE_FRACTION = 0.25
 MIN_TILE = 32
+# The nodes' INT inputs (nodes/common.py) and the widget (web/lib/tile_plan.js) correct within these limits.
+NODE_TILE_MIN, NODE_TILE_MAX = 64, 4096
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,30 @@ class Plan:
     tiling: Tiling
     store: str  # resolved: ram | disk | device
     image_hw: tuple[int, int]
+
+
+def correct_tiling(tile_size: int, overlap: int, downscale: int, tile_min: int = MIN_TILE,
+                   tile_max: int | None = None, min_latent: int = 1) -> tuple[int, int, list[str]]:
+    """Snap tile settings to what fits the VAE -> (tile_size, overlap, notes); the widget's JS does the same.
+
+    tile_size: down to a multiple of the downscale factor, within [max(tile_min, min_latent latent px),
+    tile_max]. overlap: down to a multiple of the downscale factor, within [0, largest such multiple below
+    half the tile]. Notes say what changed, e.g. "overlap 500 -> 376 (< tile/2)".
+    """
+    ds = max(1, int(downscale))
+    t0, o0 = int(tile_size), int(overlap)
+    lo = max(-(-tile_min // ds) * ds, min_latent * ds)
+    hi = (tile_max // ds * ds) if tile_max else max(lo, t0 // ds * ds)
+    t = min(max(t0 // ds * ds, lo), hi)
+    notes = []
+    if t != t0:
+        notes.append(f"tile {t0} -> {t} (x{ds})" if t0 % ds and lo <= t0 <= hi else f"tile {t0} -> {t} ({lo}-{hi})")
+    o_max = max(0, (((t + 1) // 2 - 1) // ds) * ds)
+    o = min(max(0, max(o0, 0) // ds * ds), o_max)
+    if o != o0:
+        notes.append(f"overlap {o0} -> {o} (< tile/2)" if o0 > o_max else f"overlap {o0} -> {o}" if o0 < 0
+                     else f"overlap {o0} -> {o} (x{ds})")
+    return t, o, notes
 
 
 def as_tiling(tile: Any) -> Tiling | None | str:
@@ -128,6 +154,8 @@ def resolve(vae, fn_name, shape, tile, dtype):
         t = Tiling()
         while t.tile_size > 128 and estimate_memory(vae, direction, hw, t, dtype, batch=batch) > AUTO_FRACTION * free:
             t = Tiling(t.tile_size // 2, t.overlap // 2)
+    tile_size, overlap, _ = correct_tiling(t.tile_size, t.overlap, vae.downscale)
+    t = Tiling(tile_size, overlap, t.store)
     if hw[0] <= t.tile_size and hw[1] <= t.tile_size:
         return None  # one tile: the untiled run is the same computation
     head_dim = (getattr(vae.model, "config", None) or {}).get("attention_head_dim")
@@ -302,9 +330,11 @@ def plan_grid(width: int, height: int, tile_size: int = 512, overlap: int = 64, 
     Tiles are the cores written by the image-resolution sweeps: non-overlapping, nearly equal, covering the
     image (each sweep reads a few pixels of halo around them; ``overlap`` does not change the grid).
     """
-    t = Tiling(int(tile_size), int(overlap))
     model = vae.model if vae is not None else _meta_model(family)
     f = downscale or (vae.downscale if vae is not None else (model.downscale if model is not None else 8))
+    size, lap, notes = correct_tiling(tile_size, overlap, f, tile_min=NODE_TILE_MIN, tile_max=NODE_TILE_MAX,
+                                      min_latent=8)
+    t = Tiling(size, lap)
     hw = (-(-int(height) // f) * f, -(-int(width) // f) * f)
     untiled = est = None
     if model is not None:
@@ -327,5 +357,5 @@ def plan_grid(width: int, height: int, tile_size: int = 512, overlap: int = 64, 
         "memory": {"untiled_bytes": untiled,
                    "per_tile_bytes": (est["device_bytes"] if tiled else untiled) if est else None,
                    "store_bytes": est["store_bytes"] if (est and tiled) else None},
-        "exact": True,
+        "exact": True, "corrections": notes,
     }

@@ -33,7 +33,7 @@ function toInt(v, fallback) {
 }
 
 /** Largest overlap allowed for a tile: the largest multiple of the downscale factor below half the tile
- * (the server rejects overlap * 2 >= tile_size), so the stride (tile - overlap) is more than half a tile. */
+ * (vae_core.tiling.correct_tiling applies the same rule), so the stride (tile - overlap) is more than half a tile. */
 export function maxOverlap(tileSize, downscale = DEFAULTS.downscale) {
   const ds = Math.max(1, toInt(downscale, 1));
   return Math.max(0, Math.floor((Math.ceil(tileSize / 2) - 1) / ds) * ds);
