@@ -93,12 +93,24 @@ def test_tile_widget_in_browser(comfy_host):
     assert png.is_file() and png.stat().st_size > 2000
 
 
-def test_js_grid_matches_vae_core_plan_grid():
-    """The widget's offline grid (web/lib/tile_plan.js) cuts tiles exactly as vae_core.tiling.plan_grid."""
+def require_node() -> None:
     if shutil.which("node") is None:
         if os.environ.get("CI"):
             pytest.fail("node is missing")
         pytest.skip("node is missing")
+
+
+def run_module(script: str):
+    """Run an ES module snippet with node in the repo root; returns the JSON it printed."""
+    require_node()
+    out = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_js_grid_matches_vae_core_plan_grid():
+    """The widget's offline grid (web/lib/tile_plan.js) cuts tiles exactly as vae_core.tiling.plan_grid."""
     from vae_core.tiling import plan_grid
 
     cases = [(1536, 1024, 512, 64, 8), (1100, 700, 512, 64, 8), (1000, 256, 512, 0, 32), (4096, 2304, 768, 96, 8),
@@ -107,21 +119,13 @@ def test_js_grid_matches_vae_core_plan_grid():
               f"const cases = {json.dumps(cases)};\n"
               "console.log(JSON.stringify(cases.map(([w, h, t, o, d]) => planGrid({ width: w, height: h, "
               "tileSize: t, overlap: o, downscale: d }).tiles.map((r) => [r.x, r.y, r.x + r.w, r.y + r.h]))));\n")
-    out = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    js = json.loads(out.stdout)
-    for (w, h, t, o, d), tiles in zip(cases, js):
+    for (w, h, t, o, d), tiles in zip(cases, run_module(script)):
         py = plan_grid(width=w, height=h, tile_size=t, overlap=o, downscale=d, family="kl", tiling="always")
         assert tiles == py["tiles"], (w, h, t, o, d)
 
 
 def test_js_correction_matches_vae_core():
     """The widget corrects tile_size/overlap exactly as the nodes do (vae_core.tiling.correct_tiling)."""
-    if shutil.which("node") is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is missing")
-        pytest.skip("node is missing")
     from vae_core.tiling import NODE_TILE_MAX, NODE_TILE_MIN, correct_tiling
 
     cases = [(512, 64, 8), (500, 500, 8), (768, 96, 8), (100, 0, 32), (4096, 3000, 8), (70, 70, 8), (64, -5, 8),
@@ -130,20 +134,14 @@ def test_js_correction_matches_vae_core():
               f"const cases = {json.dumps(cases)};\n"
               "console.log(JSON.stringify(cases.map(([t, o, d]) => { const r = correctTiling({ tileSize: t, "
               "overlap: o, downscale: d }); return [r.tileSize, r.overlap, r.changed]; })));\n")
-    out = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    for (t, o, d), js in zip(cases, json.loads(out.stdout)):
+    for (t, o, d), js in zip(cases, run_module(script)):
         size, lap, notes = correct_tiling(t, o, d, NODE_TILE_MIN, NODE_TILE_MAX, min_latent=8)
         assert js == [size, lap, bool(notes)], ((t, o, d), js, (size, lap, notes))
 
 
 def test_js_unit_tests_pass():
     """The widget's pure logic (web/lib/tile_plan.js) under node's own test runner (tests/js/)."""
-    if shutil.which("node") is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is missing")
-        pytest.skip("node is missing")
+    require_node()
     out = subprocess.run(["node", "--test", "tests/js/"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     passed = int(re.search(r"^# pass (\d+)", out.stdout, re.M).group(1))
