@@ -63,7 +63,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            # copies, not views of the file mapping: the weights are in memory when load_vae returns (no disk
+            # reads during the first decode, no mapping kept open)
+            return {k: f.get_tensor(k).clone() for k in f.keys()}, meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise VAEError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {e}. "
                        "Download it again") from None
