@@ -26,8 +26,11 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        # one statement per step, so each intermediate is freed as soon as the next exists (3 maps live, not 4)
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return h.add_(x)
