@@ -23,6 +23,7 @@ from torch import nn
 from . import kl
 from .convert import rename_keys
 from .errors import VAEError
+from .vae import check_images
 
 FAMILY = "asym"
 
@@ -172,19 +173,7 @@ def prepare_condition(z: torch.Tensor, image: Any, mask: Any, f: int) -> tuple[d
     hp, wp = h * f, w * f
 
     # ---- image
-    if not isinstance(image, torch.Tensor):
-        raise VAEError(f"image must be a torch.Tensor [B,3,H,W] in [-1, 1], got {type(image).__name__}")
-    if image.ndim == 3 and image.shape[0] == 3:
-        image = image.unsqueeze(0)
-    if image.ndim != 4 or image.shape[1] != 3:
-        hint = " (that looks like ComfyUI's [B,H,W,C] layout: permute(0, 3, 1, 2) first)" \
-            if image.ndim == 4 and image.shape[-1] in (3, 4) else ""
-        raise VAEError(f"image (the original for the asymmetric decoder) must be [B,3,H,W], got shape "
-                       f"{list(image.shape)}{hint}")
-    if not image.is_floating_point():
-        raise VAEError(f"image must be floating point in [-1, 1], got {image.dtype}")
-    if not torch.isfinite(image).all():
-        raise VAEError("image contains NaN or Inf values; clean the original image before decoding")
+    image = check_images(image, "image", "decoding with the original image")
     if image.numel() and float(image.abs().max()) > 1.5:
         raise VAEError(f"image values reach {float(image.abs().max()):.4g}, but the original must be in [-1, 1] "
                        "(a [0, 255] image? use x / 127.5 - 1; a [0, 1] image: x * 2 - 1)")

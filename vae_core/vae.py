@@ -75,21 +75,7 @@ class VAE:
 
     # -------------------------------------------------------------------------------- checks
     def _check_images(self, images: Any) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise VAEError(f"images must be a torch.Tensor [B,3,H,W] in [-1, 1], got {type(images).__name__}")
-        if images.ndim == 3 and images.shape[0] == 3:
-            images = images.unsqueeze(0)
-        if images.ndim != 4 or images.shape[1] != 3:
-            hint = " (that looks like ComfyUI's [B,H,W,C] layout: permute(0, 3, 1, 2) first)" \
-                if images.ndim == 4 and images.shape[-1] in (3, 4) else ""
-            raise VAEError(f"images must be [B,3,H,W], got shape {list(images.shape)}{hint}")
-        if not images.is_floating_point():
-            raise VAEError(f"images must be floating point in [-1, 1], got {images.dtype}")
-        if images.shape[-1] < 1 or images.shape[-2] < 1 or images.shape[0] < 1:
-            raise VAEError(f"images must not be empty, got shape {list(images.shape)}")
-        if not torch.isfinite(images).all():
-            raise VAEError("images contain NaN or Inf values; clean the input before encoding")
-        return images
+        return check_images(images, "images", "encoding")
 
     def _check_latents(self, latents: Any) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor):
@@ -193,6 +179,25 @@ class VAE:
     def decode_diffusion(self, z: torch.Tensor, **kw) -> torch.Tensor:
         """Decode latents that are already in diffusion space (a sampler's x0, as live previews get it)."""
         return self.decode(self.from_diffusion(self._check_latents(z)), **kw)
+
+
+def check_images(images: Any, what: str, purpose: str) -> torch.Tensor:
+    """An image batch [B,3,H,W] (or [3,H,W]), floating point, finite -> [B,3,H,W]; else a VAEError naming ``what``."""
+    if not isinstance(images, torch.Tensor):
+        raise VAEError(f"{what} must be a torch.Tensor [B,3,H,W] in [-1, 1], got {type(images).__name__}")
+    if images.ndim == 3 and images.shape[0] == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] != 3:
+        hint = " (that looks like ComfyUI's [B,H,W,C] layout: permute(0, 3, 1, 2) first)" \
+            if images.ndim == 4 and images.shape[-1] in (3, 4) else ""
+        raise VAEError(f"{what} must be [B,3,H,W], got shape {list(images.shape)}{hint}")
+    if not images.is_floating_point():
+        raise VAEError(f"{what} must be floating point in [-1, 1], got {images.dtype}")
+    if images.shape[-1] < 1 or images.shape[-2] < 1 or images.shape[0] < 1:
+        raise VAEError(f"{what} must not be empty, got shape {list(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise VAEError(f"there are NaN or Inf values in {what}; clean them before {purpose}")
+    return images
 
 
 def _latent_channel_hint(c: int) -> str:
