@@ -19,38 +19,14 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from measure import PeakRSS  # noqa: E402
 
-def rss() -> int:
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
-class PeakRSS:
-    """Samples the resident set size every 2 ms while the block runs."""
-
-    def __enter__(self):
-        self.base = rss()
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, rss())
 
 
 def make_weights(variant: str, folder: Path) -> None:

@@ -17,40 +17,16 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import PeakRSS  # noqa: E402
+
 SD1 = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-
-
-def rss() -> int:
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
-class PeakRSS:
-    """Samples the resident set size every 2 ms while the block runs."""
-
-    def __enter__(self):
-        self.base = rss()
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, rss())
 
 
 def worker(args) -> None:
