@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import PeakRSS  # noqa: E402
+from measure import compare_rows, time_and_peak  # noqa: E402
 
 
 
@@ -87,24 +85,7 @@ def worker(args) -> None:
     x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
     z = torch.randn(1, c, size // f, size // f, generator=g).to(device, dtype)
     fn, inp = (enc, x) if args.op == "encode" else (dec, z)
-    times, peak = [], 0
-    with torch.inference_mode():
-        for i in range(args.reps + 1):  # the first call warms up (allocator, oneDNN primitives)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            with PeakRSS() as m:
-                t0 = time.perf_counter()
-                out = fn(inp)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-            del out
-            peak = max(peak, torch.cuda.max_memory_allocated() - base if device.type == "cuda" else m.peak - m.base)
-            if i > 0 or args.reps == 0:
-                times.append(dt)
-    print(json.dumps({"time": sorted(times)[len(times) // 2], "peak": peak}))
+    print(json.dumps(time_and_peak(fn, inp, args.reps, device)))
 
 
 def main() -> None:
@@ -126,22 +107,7 @@ def main() -> None:
     print(f"AutoencoderDC {args.variant} config, seeded weights, {args.device} {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; " + (f"median of {args.reps} after a warm-up" if args.reps else
           "one cold call each (--reps 0)") + "; own subprocess per row")
-    print(f"{'op':7} {'size':>5} | {'ours s':>8} {'diffusers s':>11} {'ratio':>6} | {'ours MiB':>9} {'diff. MiB':>9} {'ratio':>6}")
-    for size in args.sizes:
-        for op in args.ops:
-            res = {}
-            for impl in ("ours", "diffusers"):
-                cmd = [sys.executable, __file__, "--impl", impl, "--op", op, "--size", str(size), "--weights",
-                       str(tmp / "dc"), "--reps", str(args.reps), "--device", args.device, "--dtype", args.dtype]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(f"{impl} {op} {size} failed:\n{out.stderr[-3000:]}")
-                res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-            o, d = res["ours"], res["diffusers"]
-            mib = 2 ** 20
-            print(f"{op:7} {size:5d} | {o['time']:8.2f} {d['time']:11.2f} {o['time'] / d['time']:6.2f} | "
-                  f"{o['peak'] / mib:9.0f} {d['peak'] / mib:9.0f} {o['peak'] / max(d['peak'], 1):6.2f}", flush=True)
-
+    compare_rows(__file__, tmp / "dc", args)
 
 if __name__ == "__main__":
     main()

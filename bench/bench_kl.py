@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import PeakRSS  # noqa: E402
+from measure import compare_rows, time_and_peak  # noqa: E402
 
 SD1 = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
@@ -52,27 +50,7 @@ def worker(args) -> None:
     x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
     z = torch.randn(1, 4, size // f, size // f, generator=g).to(device, dtype)
     fn, inp = (enc, x) if args.op == "encode" else (dec, z)
-    times, peak = [], 0
-    with torch.inference_mode():
-        for i in range(args.reps + 1):  # first call warms up (allocator, oneDNN primitives)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            with PeakRSS() as m:
-                t0 = time.perf_counter()
-                out = fn(inp)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-            del out
-            if device.type == "cuda":
-                peak = max(peak, torch.cuda.max_memory_allocated() - base)
-            else:
-                peak = max(peak, m.peak - m.base)
-            if i > 0 or args.reps == 0:
-                times.append(dt)
-    print(json.dumps({"time": sorted(times)[len(times) // 2], "peak": peak}))
+    print(json.dumps(time_and_peak(fn, inp, args.reps, device)))
 
 
 def main() -> None:
@@ -94,22 +72,7 @@ def main() -> None:
     AutoencoderKL(**SD1).save_pretrained(tmp / "sd1")
     print(f"AutoencoderKL SD1 config, seeded random weights, {args.device} {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.reps} after a warm-up; own subprocess per row")
-    print(f"{'op':7} {'size':>5} | {'ours s':>8} {'diffusers s':>11} {'ratio':>6} | {'ours MiB':>9} {'diff. MiB':>9} {'ratio':>6}")
-    for size in args.sizes:
-        for op in args.ops:
-            res = {}
-            for impl in ("ours", "diffusers"):
-                cmd = [sys.executable, __file__, "--impl", impl, "--op", op, "--size", str(size), "--weights",
-                       str(tmp / "sd1"), "--reps", str(args.reps), "--device", args.device, "--dtype", args.dtype]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(f"{impl} {op} {size} failed:\n{out.stderr[-3000:]}")
-                res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-            o, d = res["ours"], res["diffusers"]
-            mib = 2 ** 20
-            print(f"{op:7} {size:5d} | {o['time']:8.2f} {d['time']:11.2f} {o['time'] / d['time']:6.2f} | "
-                  f"{o['peak'] / mib:9.0f} {d['peak'] / mib:9.0f} {o['peak'] / max(d['peak'], 1):6.2f}", flush=True)
-
+    compare_rows(__file__, tmp / "sd1", args)
 
 if __name__ == "__main__":
     main()

@@ -30,3 +30,52 @@ class PeakRSS:
         self._stop = True
         self._t.join()
         self.peak = max(self.peak, rss())
+
+
+def time_and_peak(fn, inp, reps: int, device) -> dict:
+    """Median time of ``reps`` calls after one warm-up (or one cold call for reps=0) and the peak memory rise:
+    CUDA: max_memory_allocated over the call; CPU: the process's peak RSS over the call."""
+    import torch
+
+    times, peak = [], 0
+    with torch.inference_mode():
+        for i in range(reps + 1):  # the first call warms up (allocator, oneDNN primitives)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            with PeakRSS() as m:
+                t0 = time.perf_counter()
+                out = fn(inp)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            del out
+            peak = max(peak, torch.cuda.max_memory_allocated() - base if device.type == "cuda" else m.peak - m.base)
+            if i > 0 or reps == 0:
+                times.append(dt)
+    return {"time": sorted(times)[len(times) // 2], "peak": peak}
+
+
+def compare_rows(script: str, weights, args) -> None:
+    """For every size and op, run ``script --impl ours|diffusers ...`` in fresh subprocesses and print one row:
+    time and peak memory of each, and ours / diffusers."""
+    import json
+    import subprocess
+    import sys
+
+    print(f"{'op':7} {'size':>5} | {'ours s':>8} {'diffusers s':>11} {'ratio':>6} | {'ours MiB':>9} {'diff. MiB':>9} {'ratio':>6}")
+    for size in args.sizes:
+        for op in args.ops:
+            res = {}
+            for impl in ("ours", "diffusers"):
+                cmd = [sys.executable, script, "--impl", impl, "--op", op, "--size", str(size), "--weights",
+                       str(weights), "--reps", str(args.reps), "--device", args.device, "--dtype", args.dtype]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{impl} {op} {size} failed:\n{out.stderr[-3000:]}")
+                res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            o, d = res["ours"], res["diffusers"]
+            mib = 2 ** 20
+            print(f"{op:7} {size:5d} | {o['time']:8.2f} {d['time']:11.2f} {o['time'] / d['time']:6.2f} | "
+                  f"{o['peak'] / mib:9.0f} {d['peak'] / mib:9.0f} {o['peak'] / max(d['peak'], 1):6.2f}", flush=True)
