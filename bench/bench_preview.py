@@ -20,7 +20,6 @@ parameters, seeded random weights) on the same latent, batch 1 (cfg 1; with cfg 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import statistics
 import sys

@@ -27,7 +27,7 @@ def require_file(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def photo() -> "torch.Tensor":
+def photo():
     """The shared 512x512 photo as [1,3,H,W] in [-1, 1]."""
     import numpy as np
     import torch

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import vae_core
 from vae_core import VAEError, load_vae
 
 diffusers = pytest.importorskip("diffusers")  # the test oracle: installed by the test command, so never skipped in CI

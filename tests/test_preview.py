@@ -2,7 +2,6 @@
 decoder lookup and caching) and its picture quality on the real TAEF2 weights."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
 import types
@@ -12,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
 from preview_models import taesd_decoder_state_dict
 
 

@@ -298,7 +298,6 @@ def build_tiny(model, direction: str, **kw) -> Program:
         if cut_before(m, i == 0) and pending:
             flush()
         pending.append(_tiny_layer(m))
-    c = Chain(pending).channels(b.buf.channels)
     return b.finish(pending + tail)
 
 
