@@ -28,37 +28,11 @@ from measure import compare_rows, time_and_peak  # noqa: E402
 
 
 def make_weights(variant: str, folder: Path) -> None:
-    """diffusers' AutoencoderDC at the released config, weights from a seeded pattern (fast: no random init)."""
-    import torch
-    from diffusers import AutoencoderDC
+    """diffusers' AutoencoderDC at the released config with the tests' seeded weights (fast: no random init)."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from test_dc import deterministic_model
 
-    sys.path.insert(0, str(ROOT))
-    from vae_core import dc
-
-    with torch.device("meta"):
-        model = AutoencoderDC(**{k: v for k, v in dc.VARIANTS[variant].items() if k != "force_upcast"})
-    model = model.to_empty(device="cpu")
-    period = 1_000_003
-    pattern = torch.rand(period, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        for i, (key, t) in enumerate(model.state_dict().items()):
-            if not t.is_floating_point():
-                t.zero_()
-                continue
-            flat, pos, off = t.view(-1), 0, (i * 7919) % period
-            while pos < flat.numel():
-                m = min(flat.numel() - pos, period - off)
-                flat[pos:pos + m] = pattern[off:off + m]
-                pos, off = pos + m, 0
-            if key.endswith("running_var"):
-                t.mul_(0.25).add_(1.0)
-            elif "norm" in key and key.endswith("weight"):
-                t.mul_(0.2).add_(1.0)
-            elif t.ndim == 1:
-                t.mul_(0.1)
-            else:
-                t.mul_(t[0].numel() ** -0.5)
-    model.save_pretrained(folder, safe_serialization=True)
+    deterministic_model(variant).save_pretrained(folder, safe_serialization=True)
 
 
 def worker(args) -> None:
