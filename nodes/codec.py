@@ -1,6 +1,8 @@
 """VAE Encode, VAE Decode Tiled and Asym Inpaint Decode: our own tiled engine, progress bar and Cancel."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -9,25 +11,28 @@ from .common import (CATEGORY, clean_errors, comfy_progress, run_info, image_fro
                      mask_to_core, tile_inputs, tile_option)
 
 
-def _prepare(vae):
-    """The vae_core VAE behind ``vae`` (ours, or a core VAE rebuilt once), loaded by ComfyUI's memory manager."""
+@contextlib.contextmanager
+def running(vae, tiling: str, tile_size: int, overlap: int):
+    """-> the vae_core VAE behind ``vae`` (ours, or a core VAE rebuilt once) loaded by ComfyUI's memory manager,
+    and the keyword arguments of its encode/decode: tile (corrected for it), progress bar and Cancel.
+
+    A core VAE converted by us is not managed by ComfyUI: it goes back to the offload device afterwards.
+    """
+    import comfy.model_management as mm
+
     from .comfy_vae import core_of, load_core_on
 
     core = core_of(vae)
     load_core_on(vae, core)
-    return core
-
-
-def _release(vae, core) -> None:
-    """A core VAE converted by us is not managed by ComfyUI: put it back on the offload device."""
-    if getattr(vae, "suite_core", None) is core:
-        return
-    import comfy.model_management as mm
-
-    off = mm.vae_offload_device()
-    if core.device != torch.device(off):
-        core.to(off)
-        mm.soft_empty_cache()
+    try:
+        progress, should_stop = comfy_progress()
+        yield core, {"tile": tile_option(tiling, tile_size, overlap, core.downscale), "progress": progress,
+                     "should_stop": should_stop}
+    finally:
+        off = torch.device(mm.vae_offload_device())
+        if getattr(vae, "suite_core", None) is not core and core.device != off:
+            core.to(off)
+            mm.soft_empty_cache()
 
 
 class VAESuiteEncode:
@@ -68,15 +73,9 @@ class VAESuiteEncode:
         m = mask_to_core(mask, h, w, b, "the image") if mask is not None else None
         if m is not None and not bool((m > 0).any()):
             m = None  # nothing to inpaint (e.g. LoadImage's mask of an image without alpha): a plain latent
-        core = _prepare(vae)
-        tile = tile_option(tiling, tile_size, overlap, core.downscale)
-        progress, should_stop = comfy_progress()
         gen = torch.Generator("cpu").manual_seed(int(seed)) if latent == "sample" else None
-        try:
-            z = core.encode(x, sample=latent == "sample", generator=gen, tile=tile, progress=progress,
-                            should_stop=should_stop)
-        finally:
-            _release(vae, core)
+        with running(vae, tiling, tile_size, overlap) as (core, run):
+            z = core.encode(x, sample=latent == "sample", generator=gen, **run)
         out = {"samples": z.float().to(mm.intermediate_device())}
         if m is not None:
             f = core.downscale
@@ -110,13 +109,8 @@ class VAESuiteDecodeTiled:
     @clean_errors
     def decode(self, samples, vae, tiling="auto", tile_size=512, overlap=64):
         z = latent_samples(samples)
-        core = _prepare(vae)
-        tile = tile_option(tiling, tile_size, overlap, core.downscale)
-        progress, should_stop = comfy_progress()
-        try:
-            images = core.decode(z, tile=tile, progress=progress, should_stop=should_stop)
-        finally:
-            _release(vae, core)
+        with running(vae, tiling, tile_size, overlap) as (core, run):
+            images = core.decode(z, **run)
         return {"ui": run_info(core, *images.shape[-2:]), "result": (image_from_core(images),)}
 
 
@@ -160,11 +154,6 @@ class VAESuiteAsymInpaintDecode:
         x = x.expand(b, -1, -1, -1)
         h, w = x.shape[-2:]
         m = mask_to_core(mask, h, w, b, "the image")
-        core = _prepare(vae)
-        tile = tile_option(tiling, tile_size, overlap, core.downscale)
-        progress, should_stop = comfy_progress()
-        try:
-            images = core.decode(z, image=x, mask=m, tile=tile, progress=progress, should_stop=should_stop)
-        finally:
-            _release(vae, core)
+        with running(vae, tiling, tile_size, overlap) as (core, run):
+            images = core.decode(z, image=x, mask=m, **run)
         return {"ui": run_info(core, *images.shape[-2:]), "result": (image_from_core(images),)}
