@@ -1,6 +1,6 @@
 """Cost of one TAESD Preview against one sampler step, measured in the same run.
 
-Per step the preview does: x0 -> raw latents, TAESD decode (trimmed for the size cap), uint8 picture, and the
+Per step the preview does: x0 -> raw latents, TAESD decode (last upsamplings skipped for the size cap), uint8 picture, and the
 JPEG (quality 95) the server encodes before sending. Timed for a 1024x1024 image (128x128 latent) with a decoder
 of the released taesd size (seeded random weights: the cost does not depend on the values):
 
@@ -34,12 +34,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from preview_models import taesd_decoder_state_dict  # noqa: E402
-
-
-def load_preview_module():
-    from pack import import_pack_module  # tests/pack.py: the pack as ComfyUI imports it
-
-    return import_pack_module("nodes.preview")
 
 
 class SD15Format:  # stand-in for comfy.latent_formats.SD15 (what the node reads from the model)
@@ -101,7 +95,7 @@ def main() -> None:
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
-    pv = load_preview_module()
+    import vae_core.preview as pv
 
     tmp = Path(tempfile.mkdtemp())
     from safetensors.torch import save_file
@@ -122,7 +116,7 @@ def main() -> None:
     if core is not None:
         previews["core"] = lambda: core(x0)
     with torch.inference_mode():
-        for fn in previews.values():  # warm-up (and the trimmed decoder is built once, as in a real run)
+        for fn in previews.values():  # warm-up
             fn()
         results = {}
         for _ in range(a.reps):  # round-robin so that load drifting on a shared machine hits each alike

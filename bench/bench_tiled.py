@@ -11,7 +11,8 @@ method), a latent with spatial structure (low-frequency noise), decoded at --siz
 - comfy:        comfy.sd.VAE(sd).decode_tiled(tile_x=tile/8, tile_y=tile/8, overlap=overlap/8) from .host/ComfyUI
 
 Printed per method: PSNR of the decoded image (clamped to [0, 1]) against ours_untiled, peak memory and
-time / ours_untiled time (wall clock, and process CPU time, which a busy shared machine disturbs less). Peak memory: on CPU the process's peak RSS during the decode (VmHWM, reset after
+time / ours_untiled time (wall clock, and process CPU time, which a busy shared machine disturbs less).
+Peak memory: on CPU the process's peak RSS during the decode (VmHWM, reset after
 loading) and its rise above the RSS after loading (weights, latent, imports); on CUDA
 torch.cuda.max_memory_allocated during the decode (and the host RSS peak too).
 

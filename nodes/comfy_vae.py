@@ -29,38 +29,14 @@ from ..vae_core import VAEError
 
 log = logging.getLogger("vae_suite")
 
-# Bytes per output pixel (decode) / input pixel (encode) of ComfyUI's own AutoencoderKL estimate, which has a
-# 512-channel top level. We scale it by the widest level of the loaded network.
-_KL_DECODE_BYTES_PER_PIXEL = 2178
-_KL_ENCODE_BYTES_PER_PIXEL = 1767
-
-
-def _widest_channels(model: nn.Module) -> int:
-    widest = 0
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            widest = max(widest, m.out_channels, m.in_channels)
-    return widest or 512
-
-
 def memory_estimate(core: CoreVAE, direction: str, shape, dtype) -> float:
-    """Bytes one batch item needs untiled (ComfyUI's memory manager multiplies by the batch it runs).
+    """Bytes one batch item needs untiled (ComfyUI's memory manager multiplies by the batch it runs): vae_core's
+    own estimate, the same the tile widget shows and auto tiling uses."""
+    from ..vae_core import tiling
 
-    vae_core's own model of the network's activations; ComfyUI's AutoencoderKL formula scaled by the widest
-    level where vae_core has no estimate for the family.
-    """
     f = core.downscale
     hw = (shape[-2] * f, shape[-1] * f) if direction == "decode" else (shape[-2], shape[-1])
-    try:
-        from ..vae_core import tiling
-
-        need = tiling.estimate_memory(core, direction, hw, None, dtype)
-        if need:
-            return float(need)
-    except Exception as e:  # an estimate must never break a decode
-        log.debug("vae_suite: no vae_core memory estimate (%s)", e)
-    per_px = _KL_DECODE_BYTES_PER_PIXEL if direction == "decode" else _KL_ENCODE_BYTES_PER_PIXEL
-    return per_px * _widest_channels(core.model) / 512.0 * hw[0] * hw[1] * mm.dtype_size(dtype)
+    return float(tiling.estimate_memory(core, direction, hw, None, dtype))
 
 
 class CoreAdapter(nn.Module):
@@ -140,12 +116,6 @@ def working_dtypes(core: CoreVAE) -> list[torch.dtype]:
     if core.config.get("force_upcast", False):
         return [torch.bfloat16, torch.float32]
     return [torch.float16, torch.bfloat16, torch.float32]
-
-
-def auto_dtype(core_config_force_upcast: bool) -> torch.dtype:
-    allowed = [torch.bfloat16, torch.float32] if core_config_force_upcast else [torch.float16, torch.bfloat16,
-                                                                                  torch.float32]
-    return mm.vae_dtype(mm.vae_device(), allowed)
 
 
 # ------------------------------------------------------------------------------------------------ any VAE -> core

@@ -16,7 +16,6 @@ log = logging.getLogger("vae_suite")
 
 HUB_ENTRY = "(hf_source below)"
 APPROX = "vae_approx/"
-FAMILY_CHOICES = ["auto", "kl", "asym", "dc", "tiny"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WEIGHTS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 _PAIR = re.compile(r"^(?P<name>.+)_(?P<part>encoder|decoder)\.[^.]+$")
@@ -25,15 +24,18 @@ _PAIR = re.compile(r"^(?P<name>.+)_(?P<part>encoder|decoder)\.[^.]+$")
 _CACHE: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
 
 
+def family_choices() -> list[str]:
+    from ..vae_core.registry import FAMILIES
+
+    return ["auto", *FAMILIES]
+
+
 def variant_choices() -> list[str]:
-    from ..vae_core.loading import FAMILIES, family_module
+    from ..vae_core.registry import FAMILIES
 
     names = ["auto"]
-    for fam in FAMILIES:
-        try:
-            names += [v for v in getattr(family_module(fam), "VARIANTS", {}) if v not in names]
-        except Exception:  # a family module still being written must not take the loader down
-            continue
+    for rec in FAMILIES.values():
+        names += [v for v in rec.variants if v not in names]
     return names
 
 
@@ -143,8 +145,8 @@ class VAESuiteLoader:
                 "hf_source": ("STRING", {"default": "", "tooltip":
                               "Optional Hugging Face Hub source, e.g. hf:madebyollin/taesd or "
                               "hf:stabilityai/sdxl-vae@main; when set it is used instead of vae_name."}),
-                "family": (FAMILY_CHOICES, {"default": "auto", "tooltip":
-                           "Override the detected family (kl, asym, dc, tiny); auto detects it from the weights."}),
+                "family": (family_choices(), {"default": "auto", "tooltip":
+                           "Override the detected family; auto detects it from the weights."}),
                 "variant": (variant_choices(), {"default": "auto", "tooltip":
                             "Override the detected variant (it sets the latent scaling: e.g. sd1 vs sdxl, taesd vs "
                             "taesdxl, which the weights cannot tell apart)."}),

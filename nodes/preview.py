@@ -6,277 +6,26 @@ How it hooks in (no ComfyUI globals are replaced):
   the clone (KSampler, KSamplerAdvanced, SamplerCustom, SamplerCustomAdvanced) goes through
   ``CFGGuider.sample`` -> our wrapper, which receives the sampler's step callback.
 - The wrapper passes the sampler a callback of its own. It first calls the original one (ComfyUI's progress bar,
-  ``x0_output_dict``), then decodes x0 with a TAESD decoder and sends the picture through a ``ProgressBar`` update:
-  the same path the core previewer uses, so the frontend shows it on the sampler node.
+  ``x0_output_dict``), then makes the picture with ``vae_core.preview`` and sends it through a ``ProgressBar``
+  update: the same path the core previewer uses, so the frontend shows it on the sampler node.
 - If the server itself runs a previewer (``--preview-method``), ours replaces it for this sampling call only
   (both would decode every step; the frontend would show whichever came last).
 
-The sampler's x0 is in the model's space (after ``latent_format.process_in``). We map it back with
-``process_out`` to the raw latents of the full VAE and let vae_core's tiny VAE apply that variant's own scaling:
-that is right for every format, including SDXL-Playground-2.5 whose ``process_in`` is not the SDXL scale.
-ComfyUI's FLUX.2 latents are 2x2-patchified (128 channels): they are unpacked to the 32 channels TAEF2 decodes
-(the FLUX.2 VAE's latent batch-norm is not undone: its statistics live in the full VAE; newer ComfyUI previews
-FLUX.2 the same way).
-
-The pure parts (variant choice, latent mapping, size cap, rate limit, rendering) import nothing from ComfyUI, so
-tests and the bench use them outside the host; the ComfyUI parts are imported inside the functions that need them.
+Everything but the hook (variant choice, latent mapping, size cap, rate limit, decoder cache) is
+``vae_core.preview``; ComfyUI modules are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-import logging
 import os
-import threading
-import time
-from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..vae_core import VAEError, load_vae
-
-log = logging.getLogger("vae_suite")
+from ..vae_core.preview import (RateLimit, cap_latent, fit, load_decoder, missing_message, render_preview, to_pil,
+                                variant_for_format, warn_once, x0_to_raw)
 
 NODE_ID = "VAESuiteTAESDPreview"
 WRAPPER_KEY = "vae_suite.taesd_preview"
-
-# ComfyUI latent format class -> TAESD variant. Looked up along the class's MRO, so subclasses follow their base
-# (Flux is an SD3 subclass: it is listed first in its own MRO).
-VARIANT_FOR_FORMAT = {
-    "SD15": "taesd",
-    "SDXL": "taesdxl",
-    "SDXL_Playground_2_5": "taesdxl",
-    "SD3": "taesd3",
-    "Flux": "taef1",
-    "Flux2": "taef2",
-}
-# Hub repositories (diffusers AutoencoderTiny folders) tried when nothing is in vae_approx and we are online.
-HUB_REPO = {v: f"hf:madebyollin/{v}" for v in ("taesd", "taesdxl", "taesd3", "taef1", "taef2")}
-
-
-# ================================================================================================ pure parts
-def variant_for_format(latent_format: Any) -> str | None:
-    """The TAESD variant for a ComfyUI latent format object (or class), None when there is none."""
-    cls = latent_format if isinstance(latent_format, type) else type(latent_format)
-    for klass in cls.__mro__:
-        if klass.__name__ in VARIANT_FOR_FORMAT:
-            return VARIANT_FOR_FORMAT[klass.__name__]
-    return None
-
-
-def decoder_file_names(variant: str) -> tuple[str, ...]:
-    """The file names we look for in vae_approx (the same prefix rule as ComfyUI's own previewer)."""
-    return (f"{variant}_decoder.safetensors", f"{variant}_decoder.pth")
-
-
-def find_decoder_file(variant: str, filenames: Iterable[str]) -> str | None:
-    """First name in a vae_approx listing that starts with ``<variant>_decoder`` (safetensors preferred)."""
-    prefix = f"{variant}_decoder"
-    hits = sorted((f for f in filenames if os.path.basename(f).startswith(prefix)),
-                  key=lambda f: (not f.endswith(".safetensors"), f))
-    return hits[0] if hits else None
-
-
-def unpack_2x2(z: torch.Tensor) -> torch.Tensor:
-    """[B, 4C, h, w] -> [B, C, 2h, 2w]: undo ComfyUI's FLUX.2 2x2 patchify (channel = c*4 + 2*row + col)."""
-    b, c4, h, w = z.shape
-    c = c4 // 4
-    return z.reshape(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h * 2, w * 2)
-
-
-def pack_2x2(z: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, 4C, H/2, W/2]: ComfyUI's FLUX.2 latent layout (inverse of ``unpack_2x2``)."""
-    b, c, hh, ww = z.shape
-    return z.reshape(b, c, hh // 2, 2, ww // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, hh // 2, ww // 2)
-
-
-def x0_to_raw(x0: torch.Tensor, latent_format: Any, latent_channels: int) -> torch.Tensor:
-    """The sampler's x0 (model space) of the first batch item -> raw VAE latents with ``latent_channels``."""
-    z = x0[:1]
-    if latent_format is not None:
-        z = latent_format.process_out(z)
-    if z.ndim == 4 and z.shape[1] == 4 * latent_channels:  # patchified (FLUX.2)
-        z = unpack_2x2(z)
-    return z
-
-
-def cap_latent(z: torch.Tensor, downscale: int, max_size: int) -> torch.Tensor:
-    """Area-downscale a latent so the decoded picture's longest side is at most ``max_size`` pixels.
-
-    Used for VAEs we cannot trim (a VAE input). It is cheap but soft: averaging latents lowers their contrast
-    (TAEF2 on the test photo at half size: 20.6 dB, against 31.7 dB for a trimmed decoder).
-    """
-    h, w = z.shape[-2:]
-    longest = max(h, w) * downscale
-    if not max_size or longest <= max_size:
-        return z
-    s = max_size / longest
-    return F.adaptive_avg_pool2d(z, (max(1, int(h * s + 1e-6)), max(1, int(w * s + 1e-6))))
-
-
-def halvings(longest: int, max_size: int, limit: int) -> int:
-    """How many of the decoder's last 2x upsamplings to skip so the picture stays at least ``max_size`` wide."""
-    j = 0
-    while j < limit and max_size and longest // 2 ** (j + 1) >= max_size:
-        j += 1
-    return j
-
-
-_TRIMMED: "OrderedDict[tuple, Any]" = OrderedDict()
-
-
-def trimmed_decoder(vae, skip: int):
-    """A copy of a TAESD VAE whose decoder skips its last ``skip`` 2x upsamplings (None if it has fewer).
-
-    A preview of a large image at half or quarter size then costs about 59 % or 23 % of a full decode, and looks
-    like the full decode scaled down (the convolutions after a skipped upsampling see the same features, only
-    less repeated): TAEF2 on the test photo gives 31.7 dB at 256 px and 29.4 dB at 128 px.
-    """
-    if skip <= 0:
-        return vae
-    key = (id(vae), skip)
-    with _CACHE_LOCK:
-        hit = _TRIMMED.get(key)
-        if hit is not None and hit[0] is vae:
-            return hit[1]
-    import copy
-
-    from_vae = type(vae)
-    model = copy.deepcopy(vae.model)
-    ups = [(parent, name) for parent in model.decoder.modules() for name, child in parent.named_children()
-           if isinstance(child, torch.nn.Upsample)]
-    if len(ups) < skip:
-        return None
-    for parent, name in ups[len(ups) - skip:]:
-        setattr(parent, name, torch.nn.Identity())
-    model.downscale = vae.downscale // 2 ** skip
-    if hasattr(model.decoder, "upscale"):
-        model.decoder.upscale = model.downscale
-    out = from_vae(model, vae.family, vae.variant, vae.config, device=vae.device, dtype=vae.dtype)
-    with _CACHE_LOCK:
-        _TRIMMED[key] = (vae, out)
-        while len(_TRIMMED) > 2 * _CACHE_SIZE:
-            _TRIMMED.popitem(last=False)
-    return out
-
-
-def count_upsamples(vae) -> int:
-    decoder = getattr(vae.model, "decoder", None)
-    return sum(isinstance(m, torch.nn.Upsample) for m in decoder.modules()) if decoder is not None else 0
-
-
-def to_pil(images: torch.Tensor):
-    """[1,3,H,W] in [-1,1] -> PIL RGB image."""
-    from PIL import Image
-
-    img = images[0].float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return Image.fromarray(img.permute(1, 2, 0).cpu().numpy())
-
-
-def fit(image, max_size: int):
-    """Scale a PIL image down (never up) so its longest side is at most ``max_size``."""
-    from PIL import Image, ImageOps
-
-    if max_size and max(image.size) > max_size:
-        image = ImageOps.contain(image, (max_size, max_size), Image.BILINEAR)
-    return image
-
-
-def render_preview(decoder, raw: torch.Tensor, max_size: int):
-    """Raw latents -> PIL preview from a vae_core TAESD, longest side at most ``max_size``.
-
-    A large picture is decoded by a trimmed decoder (its last upsamplings skipped) down to the smallest size that
-    is still at least ``max_size``, then scaled down the rest of the way.
-    """
-    z = raw[:1]
-    longest = max(z.shape[-2:]) * decoder.downscale
-    skip = halvings(longest, max_size, count_upsamples(decoder))
-    dec = trimmed_decoder(decoder, skip) if skip else decoder
-    if dec is None:  # an unexpected decoder layout: fall back to a downscaled latent
-        dec, z = decoder, cap_latent(z, decoder.downscale, max_size)
-    return fit(to_pil(dec.decode(z.to(dec.device, dec.dtype), tile=False)), max_size)
-
-
-class RateLimit:
-    """At most ``max_rate`` previews per second (0 = every step); the last step always gets one."""
-
-    def __init__(self, max_rate: float, clock: Callable[[], float] = time.monotonic):
-        self.interval = 1.0 / max_rate if max_rate and max_rate > 0 else 0.0
-        self.clock = clock
-        self.last: float | None = None
-
-    def due(self, step: int, total_steps: int) -> bool:
-        now = self.clock()
-        if self.last is None or step + 1 >= total_steps or now - self.last >= self.interval:
-            self.last = now
-            return True
-        return False
-
-
-# ================================================================================================ decoders
-_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
-_CACHE_SIZE = 4
-_CACHE_LOCK = threading.Lock()
-_WARNED: set = set()
-
-
-def _warn_once(key: Any, message: str) -> bool:
-    if key in _WARNED:
-        return False
-    _WARNED.add(key)
-    log.warning("%s", message)
-    return True
-
-
-def preview_dtype(device: torch.device) -> torch.dtype:
-    # TAESD is fine in fp16 on accelerators; CPUs are faster (and exact) in fp32.
-    return torch.float16 if torch.device(device).type in ("cuda", "xpu", "mps") else torch.float32
-
-
-def load_decoder(variant: str, device: torch.device | str, vae_approx_files: Iterable[str],
-                 full_path: Callable[[str], str | None], allow_hub: bool = True):
-    """-> (vae_core VAE or None, what was looked for). Loaded once per (file, device, dtype) and cached."""
-    device = torch.device(device)
-    dtype = preview_dtype(device)
-    name = find_decoder_file(variant, vae_approx_files)
-    sources: list[str] = []
-    path = full_path(name) if name else None
-    if path:
-        sources.append(path)
-    if allow_hub and variant in HUB_REPO:
-        sources.append(HUB_REPO[variant])
-    for src in sources:
-        stamp = os.path.getmtime(src) if os.path.exists(src) else 0.0
-        key = (src, stamp, variant, str(device), dtype)
-        with _CACHE_LOCK:
-            if key in _CACHE:
-                _CACHE.move_to_end(key)
-                return _CACHE[key], src
-            if ("failed", key) in _WARNED:
-                continue
-        try:
-            vae = load_vae(src, family="tiny", variant=variant, device=device, dtype=dtype)
-            if not vae.can_decode:
-                raise VAEError(f"{os.path.basename(src)} holds no TAESD decoder (an encoder file?)")
-        except Exception as e:  # a bad file or an offline Hub must never stop sampling
-            _warn_once(("failed", key), f"TAESD Preview: could not load {src}: {e}")
-            continue
-        with _CACHE_LOCK:
-            _CACHE[key] = vae
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        log.info("TAESD Preview: %s previews from %s", variant, src)
-        return vae, src
-    return None, None
-
-
-def missing_message(variant: str, folders: Iterable[str]) -> str:
-    names = " or ".join(decoder_file_names(variant))
-    where = ", ".join(folders) or "models/vae_approx"
-    return (f"TAESD Preview: no {variant} decoder found. Looked for {names} in {where}"
-            f"{' and ' + HUB_REPO[variant] + ' on the Hugging Face Hub' if variant in HUB_REPO else ''}. "
-            f"Download {variant}_decoder.pth from https://github.com/madebyollin/taesd and put it in one of those "
-            "folders; meanwhile previews fall back to latent2rgb where the model has factors, else none.")
 
 
 # ================================================================================================ ComfyUI side
@@ -304,7 +53,7 @@ class _Previewer:
                 self.kind = "taesd"
                 return
             folders = folder_paths.get_folder_paths("vae_approx")
-            if _warn_once(("missing", variant), missing_message(variant, folders)):
+            if warn_once(("missing", variant), missing_message(variant, folders)):
                 _progress_text(f"TAESD Preview: no {variant} decoder: put {variant}_decoder.pth in "
                                f"{folders[0] if folders else 'models/vae_approx'}")
         factors = getattr(latent_format, "latent_rgb_factors", None)
@@ -320,7 +69,7 @@ class _Previewer:
         channels = getattr(vae, "latent_channels", None)
         fmt_channels = getattr(self.latent_format, "latent_channels", None)
         if channels and fmt_channels and channels not in (fmt_channels, fmt_channels // 4):
-            _warn_once(("vae-channels", channels, fmt_channels),
+            warn_once(("vae-channels", channels, fmt_channels),
                        f"TAESD Preview: the VAE input has {channels} latent channels but the model samples "
                        f"{fmt_channels}: it cannot decode these latents, using the automatic TAESD instead")
             return False
@@ -399,7 +148,7 @@ class PreviewWrapper:
         try:
             previewer = _Previewer(latent_format, self.max_size, self.vae, patcher.load_device)
         except Exception as e:
-            _warn_once(("setup", repr(e)), f"TAESD Preview: previews off for this run: {e}")
+            warn_once(("setup", repr(e)), f"TAESD Preview: previews off for this run: {e}")
             previewer = None
         if previewer is None or previewer.kind is None:
             return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
@@ -419,7 +168,7 @@ class PreviewWrapper:
                 image = previewer.image(x0)
             except Exception as e:  # a preview must never stop sampling
                 state["on"] = False
-                _warn_once(("decode", repr(e)), f"TAESD Preview: preview failed, off for this run: {e}")
+                warn_once(("decode", repr(e)), f"TAESD Preview: preview failed, off for this run: {e}")
                 return
             if image is not None:  # the size we made it: the server would scale it up to the size given here
                 pbar.update_absolute(step + 1, total_steps, ("JPEG", image, max(image.size)))

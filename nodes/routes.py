@@ -6,8 +6,8 @@ Query parameters (all optional except width and height):
     width, height   image size in pixels (ints >= 1)
     tile_size       tile edge in pixels (default 512)
     overlap         overlap in pixels (default 64)
-    family          kl | asym | dc | tiny (default kl): sets the downscale factor and the memory estimate
-    downscale       override the downscale factor (8 for kl/asym/tiny, 32 for dc)
+    family          a vae_core family (vae_core.registry; default kl): sets the downscale factor and the estimate
+    downscale       override the downscale factor (default: the family's)
     mode            decode | encode (default decode)
     tiling          auto | always | never (default always)
 
@@ -34,7 +34,7 @@ from aiohttp import web
 
 from server import PromptServer
 
-_DOWNSCALE = {"kl": 8, "asym": 8, "tiny": 8, "dc": 32}
+from ..vae_core.registry import FAMILIES
 
 
 def _int(q, name, default=None, lo=1, hi=1 << 20):
@@ -57,9 +57,9 @@ def tile_plan(query) -> dict:
     tile_size = _int(query, "tile_size", 512, 32)
     overlap = _int(query, "overlap", 64, 0)
     family = query.get("family", "kl") or "kl"
-    if family not in _DOWNSCALE:
-        raise ValueError(f"family must be one of {', '.join(_DOWNSCALE)}, got {family!r}")
-    f = _int(query, "downscale", _DOWNSCALE[family], 1, 128)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    f = _int(query, "downscale", FAMILIES[family].downscale, 1, 128)
     mode = query.get("mode", "decode") or "decode"
     if mode not in ("decode", "encode"):
         raise ValueError(f"mode must be decode or encode, got {mode!r}")

@@ -1,5 +1,6 @@
-"""TAESD Preview outside the host: the pure preview path (variant choice, latent mapping, size cap, rate limit,
-decoder lookup and caching) and its picture quality on the real TAEF2 weights."""
+"""TAESD Preview outside the host: the preview engine in vae_core (variant choice, latent mapping, size cap, rate
+limit, decoder lookup and caching) without ComfyUI, its picture quality on the real TAEF2 weights, and the node's
+sampler hook."""
 from __future__ import annotations
 
 import io
@@ -14,13 +15,16 @@ from PIL import Image
 from preview_models import taesd_decoder_state_dict
 
 
-def _load_preview_module():
+import vae_core.preview as pv  # noqa: E402
+
+
+def _load_node_module():
     from pack import import_pack_module  # tests/pack.py: the pack as ComfyUI imports it
 
     return import_pack_module("nodes.preview")
 
 
-pv = _load_preview_module()
+node = _load_node_module()
 
 
 # Stand-ins for ComfyUI's latent format classes: the node looks formats up by class name along the MRO.
@@ -159,24 +163,23 @@ def test_halvings_keep_the_preview_at_least_the_cap():
     assert pv.halvings(4096, 0, 3) == 0  # no cap
 
 
-def test_trimmed_decoder(tmp_path):
+def test_size_capped_decode_is_a_tiny_capability(tmp_path):
     from safetensors.torch import save_file
 
     save_file(taesd_decoder_state_dict(4, seed=5), str(tmp_path / "taesd_decoder.safetensors"))
     dec, _ = pv.load_decoder("taesd", "cpu", ["taesd_decoder.safetensors"], lambda n: str(tmp_path / n), False)
-    assert pv.count_upsamples(dec) == 3
+    assert dec.model.decoder.upsamples == 3
     z = torch.randn(1, 4, 8, 6)
     full = dec.decode(z, tile=False)
-    half = pv.trimmed_decoder(dec, 1)
-    assert half is pv.trimmed_decoder(dec, 1)  # cached
-    assert half.downscale == 4 and dec.downscale == 8  # the original is untouched
-    out = half.decode(z, tile=False)
-    assert out.shape == (1, 3, 32, 24)
+    zd = dec.to_diffusion(z)
+    with torch.inference_mode():
+        half = dec.model.decode(zd, skip_upsamples=1)
+        torch.testing.assert_close(dec.model.decode(zd, skip_upsamples=0), full)
+    assert half.shape == (1, 3, 32, 24) and dec.downscale == 8  # the VAE itself is untouched
     torch.testing.assert_close(dec.decode(z, tile=False), full)
-    a, b = dec.model.state_dict(), half.model.state_dict()  # same weights, only the upsampling differs
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert pv.trimmed_decoder(dec, 4) is None
-    assert pv.render_preview(dec, z, max_size=32).size == (24, 32)  # 64 px tall -> trimmed to 32 (PIL: w, h)
+    with pytest.raises(ValueError, match="cannot skip 4"):
+        dec.model.decode(zd, skip_upsamples=4)
+    assert pv.render_preview(dec, z, max_size=32).size == (24, 32)  # 64 px tall -> decoded at 32 (PIL: w, h)
     assert max(pv.render_preview(dec, z, max_size=50).size) == 50  # 64 decoded, then scaled down
 
 
@@ -245,9 +248,9 @@ def test_server_previewer_is_muted_for_one_call_only(monkeypatch):
 
     sent: list = []
     cb = prepare_callback(sent)
-    restore = pv._mute_server_previewer(cb)
+    restore = node._mute_server_previewer(cb)
     cb(0, None, None, 1)
     restore()
     cb(0, None, None, 1)
     assert sent == [None, ("JPEG", "server picture", 512)]
-    assert pv._mute_server_previewer(lambda *a: None)() is None  # anything else is left alone
+    assert node._mute_server_previewer(lambda *a: None)() is None  # anything else is left alone

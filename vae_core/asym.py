@@ -14,6 +14,7 @@ mask: 1 = region to (re)generate, 0 = keep. No pixel blend with the original hap
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -23,9 +24,9 @@ from torch import nn
 from . import kl
 from .convert import rename_keys
 from .errors import VAEError
+from .family import Family
+from .ops import Blend, Chain, EagerContext, Norm
 from .vae import check_images
-
-FAMILY = "asym"
 
 # The diffusers config fields that change the model, with diffusers' defaults.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -64,8 +65,8 @@ class MaskConditionEncoder(nn.Module):
     """Five convs over the masked image: two 3x3 at full resolution, then three 4x4 stride-2 (to 1/8).
 
     Widths double from ``base`` and stop at ``top``; the last is always ``top``. A ReLU sits between convs.
-    Returns every conv's output *before* its ReLU, keyed by its (C, H, W): the decoder looks features up by
-    the shape of its own activations (as the original code and diffusers do).
+    Every conv's output *before* its ReLU is a condition feature; the decoder picks them by the shape of its own
+    activations (as the original code and diffusers do): ``ops.Blend`` runs them.
     """
 
     def __init__(self, in_channels: int, base: int, top: int):
@@ -77,13 +78,13 @@ class MaskConditionEncoder(nn.Module):
             for i, (c_in, c_out) in enumerate(zip(ins, widths))
         ))
 
-    def forward(self, masked_image: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
-        features = {}
-        x = masked_image
-        for i, conv in enumerate(self.layers):
-            x = conv(x if i == 0 else F.relu(x))
-            features[tuple(x.shape[1:])] = x
-        return features
+    def shapes(self) -> set[tuple[int, int]]:
+        """(channels, downscale) of every feature."""
+        out, d = set(), 1
+        for conv in self.layers:
+            d *= conv.stride[0]
+            out.add((conv.out_channels, d))
+        return out
 
 
 class MaskConditionDecoder(kl.Decoder):
@@ -93,30 +94,17 @@ class MaskConditionDecoder(kl.Decoder):
         super().__init__(latent_channels, out_channels, block_out_channels, layers_per_block, groups,
                          mid_block_add_attention=True)
         self.condition_encoder = MaskConditionEncoder(out_channels, block_out_channels[0], block_out_channels[-1])
+        rev = list(reversed(block_out_channels))
+        # the blend points: before every up block and before the output norm, as (channels, downscale)
+        n = len(rev)
+        self.blend_shapes = [(rev[max(i - 1, 0)], 2 ** (n - 1 - i)) for i in range(n)] + [(rev[-1], 1)]
 
-    @staticmethod
-    def _blend(x: torch.Tensor, features: Mapping[tuple, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        feature = features.get(tuple(x.shape[1:]))
-        if feature is None:
-            raise VAEError(f"the condition encoder has no feature of shape {list(x.shape[1:])} for this decoder "
-                           f"(it has {sorted(features)}): the weights' decoder and condition encoder do not fit")
-        if mask.shape[-2:] != x.shape[-2:]:
-            mask = F.interpolate(mask, size=x.shape[-2:], mode="nearest")
-        return x * mask + feature * (1 - mask)
-
-    def forward(self, z: torch.Tensor, image: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
-        x = x.to(next(self.up_blocks.parameters()).dtype)  # diffusers casts to the up blocks' dtype here too
-        if image is None or mask is None:
-            for block in self.up_blocks:
-                x = block(x)
-        else:
-            features = self.condition_encoder((1 - mask) * image)
-            for block in self.up_blocks:
-                x = block(self._blend(x, features, mask))
-            x = self._blend(x, features, mask)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+    def describe(self, conditioned: bool = False):
+        if not conditioned:
+            return super().describe()
+        blend = Blend(self.condition_encoder.layers)
+        ups = [layer for block in self.up_blocks for layer in (blend, block)]
+        return [self.conv_in, self.mid_block, *ups, blend, Norm(self.conv_norm_out, "silu"), self.conv_out]
 
 
 class AsymmetricAutoencoderKL(nn.Module):
@@ -139,18 +127,30 @@ class AsymmetricAutoencoderKL(nn.Module):
             raise VAEError(f"asymmetric VAE config: {len(down)} down blocks but {len(up)} up blocks; they must match")
         self.encoder = kl.Encoder(cfg["in_channels"], lat, down, cfg["layers_per_down_block"], groups, double_z=True)
         self.decoder = MaskConditionDecoder(lat, cfg["out_channels"], up, cfg["layers_per_up_block"], groups)
+        missing = [s for s in self.decoder.blend_shapes if s not in self.decoder.condition_encoder.shapes()]
+        if missing:
+            raise VAEError(f"asymmetric VAE config: up_block_out_channels {up} needs condition features "
+                           f"(channels, downscale) {missing} that its condition encoder does not make; use the "
+                           "released up_block_out_channels (e.g. [192, 384, 768, 768])")
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1)
         self.post_quant_conv = nn.Conv2d(lat, lat, 1)
         self.latent_channels = lat
         self.downscale = 2 ** (len(up) - 1)
 
+    def describe(self, direction: str, conditioned: bool = False):
+        if direction == "encode":
+            return [self.encoder, self.quant_conv]
+        return [self.post_quant_conv, *self.decoder.describe(conditioned)]
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        mean, logvar = Chain(self.describe("encode")).eager(x, False, EagerContext()).chunk(2, dim=1)
         return mean, logvar
 
     def decode(self, z: torch.Tensor, image: torch.Tensor | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z), image, mask)
+        conditioned = image is not None and mask is not None
+        ctx = EagerContext({"masked": (1 - mask) * image, "mask": mask} if conditioned else None)
+        return Chain(self.describe("decode", conditioned)).eager(z, False, ctx)
 
     def prepare_condition(self, z: torch.Tensor, image: Any, mask: Any) -> tuple[dict[str, torch.Tensor], tuple | None]:
         """Check and normalise the original image and mask for ``decode``: -> (decode kwargs, crop (H, W) or None).
@@ -296,3 +296,10 @@ def guess_variant(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], hin
 
 def build(config: Mapping[str, Any]) -> AsymmetricAutoencoderKL:
     return AsymmetricAutoencoderKL(config)
+
+
+FAMILY = Family(
+    name="asym", module=sys.modules[__name__], diffusers_classes=("AsymmetricAutoencoderKL",),
+    default_variant="x-1-5", downscale=8, latent_channels=4,
+    preview={"x-1-5": "taesd", "x-2": "taesd"},
+)

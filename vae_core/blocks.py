@@ -1,20 +1,22 @@
-"""Building blocks shared by the KL-type families (AutoencoderKL, AsymmetricAutoencoderKL).
+"""Building blocks shared by the KL-type families (AutoencoderKL, AsymmetricAutoencoderKL), each described once
+in ``ops`` layers (the untiled forward and the tiled executor both run ``describe()``).
 
 Module and attribute names follow diffusers' state-dict keys, so ``decoder.up_blocks.0.resnets.1.norm2.weight``
 maps to exactly one attribute path here.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .ops import Attention as AttentionOp
+from .ops import Conv, Described, Norm, Residual, Up
 
 
 def group_norm(num_channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels, eps=eps, affine=True)
 
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(Described):
     """GN -> SiLU -> conv -> GN -> SiLU -> conv, plus a (1x1-conv when channels change) shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 32, eps: float = 1e-6):
@@ -25,55 +27,34 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one statement per step, so each intermediate is freed as soon as the next exists (3 maps live, not 4)
-        h = F.silu(self.norm1(x), inplace=True)
-        h = self.conv1(h)
-        h = F.silu(self.norm2(h), inplace=True)
-        h = self.conv2(h)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return h.add_(x)
+    def describe(self):
+        main = [Norm(self.norm1, "silu"), Conv(self.conv1), Norm(self.norm2, "silu"), Conv(self.conv2)]
+        return [Residual(main, [Conv(self.conv_shortcut)] if self.conv_shortcut is not None else [])]
 
 
-class Downsample2D(nn.Module):
+class Downsample2D(Described):
     """Zero-pad right and bottom by one, then a 3x3 stride-2 conv (the KL encoder's asymmetric downsampler)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+    def describe(self):
+        return [Conv(self.conv, pad=(0, 1, 0, 1))]
 
 
-class Upsample2D(nn.Module):
+class Upsample2D(Described):
     """Nearest x2, then a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def describe(self):
+        return [Up(2), Conv(self.conv)]
 
 
-def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_queries: int = 4096) -> torch.Tensor:
-    """Softmax attention over all keys, computed for blocks of queries.
-
-    Each query row is independent, so splitting the queries is exact; it bounds the score matrix
-    to ``max_queries x tokens`` for latents too large for one block.
-    """
-    n = q.shape[-2]
-    if n <= max_queries:
-        return F.scaled_dot_product_attention(q, k, v)
-    out = torch.empty_like(q)
-    for s in range(0, n, max_queries):
-        out[..., s:s + max_queries, :] = F.scaled_dot_product_attention(q[..., s:s + max_queries, :], k, v)
-    return out
-
-
-class Attention(nn.Module):
+class Attention(Described):
     """Single-head self-attention over all spatial positions (the KL mid block's attention)."""
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-6):
@@ -84,16 +65,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        out = chunked_attention(q, k, v).squeeze(1)
-        out = self.to_out[0](out)
-        return out.transpose(1, 2).reshape(b, c, h, w).add_(x)
+    def describe(self):
+        return [AttentionOp(self)]
 
 
-class UNetMidBlock2D(nn.Module):
+class UNetMidBlock2D(Described):
     """resnet -> attention -> resnet (attention optional: ``mid_block_add_attention``)."""
 
     def __init__(self, channels: int, groups: int = 32, add_attention: bool = True):
@@ -101,14 +77,11 @@ class UNetMidBlock2D(nn.Module):
         self.attentions = nn.ModuleList([Attention(channels, groups)]) if add_attention else None
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups), ResnetBlock2D(channels, channels, groups)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
-        if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+    def describe(self):
+        return [self.resnets[0], *(self.attentions or []), self.resnets[1]]
 
 
-class DownEncoderBlock2D(nn.Module):
+class DownEncoderBlock2D(Described):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
@@ -116,15 +89,11 @@ class DownEncoderBlock2D(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+    def describe(self):
+        return [*self.resnets, *(self.downsamplers or [])]
 
 
-class UpDecoderBlock2D(nn.Module):
+class UpDecoderBlock2D(Described):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
@@ -132,9 +101,5 @@ class UpDecoderBlock2D(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+    def describe(self):
+        return [*self.resnets, *(self.upsamplers or [])]

@@ -54,5 +54,5 @@ def replace_substrings(sd: Mapping[str, torch.Tensor], table: Iterable[tuple[str
     return out
 
 
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+class WeightParts(tuple):
+    """State dicts of several files that together make one model (a TAESD encoder file and decoder file)."""

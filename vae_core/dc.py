@@ -25,7 +25,8 @@ Formats: diffusers (folder or single file; our names are diffusers' names) and t
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+import sys
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ from torch import nn
 
 from .convert import rename_keys, replace_substrings, squeeze_linear
 from .errors import VAEError
-
-FAMILY = "dc"
+from .family import Family
+from .ops import (Described, Fn, LinearAttention, Module, PixelShuffle, PixelUnshuffle, Residual, UpConv, act)
 
 # The diffusers config fields that change the model, with diffusers' defaults.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -92,7 +93,7 @@ def _in_mix(latent: int, stages: int, scaling: float) -> dict[str, Any]:
     }
 
 
-# Released configurations (vae-families.md section 2.3; scaling factors from each repository's config.json).
+# Released configurations (scaling factors from each repository's config.json).
 VARIANTS: dict[str, dict[str, Any]] = {
     "dc-ae-f32c32-sana-1.0": _sana(),
     "dc-ae-f32c32-sana-1.1": _sana(),
@@ -109,30 +110,13 @@ VARIANT_FACTORS = ("scaling_factor", "force_upcast")
 
 
 # --------------------------------------------------------------------------------------------------
-# Building blocks. Every `forward` may overwrite tensors it created itself (inference only), never its input.
-
-def _inplace(fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: fn(x, inplace=True)
-
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": _inplace(F.silu), "swish": _inplace(F.silu), "relu": _inplace(F.relu), "mish": _inplace(F.mish),
-    "relu6": lambda x: F.hardtanh(x, 0.0, 6.0, inplace=True), "gelu": F.gelu,
-}
-
-
-def activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name is None:
-        return lambda x: x
-    if name not in _ACTIVATIONS:
-        raise VAEError(f"DC-AE activation {name!r} is not supported; use one of {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
-
+# Building blocks, each described in ``ops`` layers (the untiled forward and the tiled executor run that).
 
 class RMSNorm2d(nn.Module):
     """RMS norm over the channels of an NCHW map, with weight and bias; the mean square is taken in float32.
 
-    Normalises its input in place when that is float32 (callers pass tensors they own)."""
+    Normalises its input in place when that is float32 (``ops.Module(..., overwrites=True)`` hands it a tensor it
+    owns)."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -158,21 +142,11 @@ def make_norm(norm_type: str, channels: int) -> nn.Module:
     raise VAEError(f"DC-AE norm type {norm_type!r} is not supported; use 'rms_norm' or 'batch_norm'")
 
 
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A 1x1 convolution (weight (out, in) or (out, in, 1, 1)) as one matrix product: faster than conv2d on CPU."""
-    b, c, h, w = x.shape
-    weight = weight.reshape(weight.shape[0], c)
-    flat = x.reshape(b, c, h * w)
-    if bias is None:
-        out = torch.matmul(weight, flat)
-    elif b == 1:
-        out = torch.addmm(bias.unsqueeze(1), weight, flat[0]).unsqueeze(0)
-    else:
-        out = torch.matmul(weight, flat).add_(bias.unsqueeze(1))
-    return out.view(b, -1, h, w)
+def norm_op(norm: nn.Module) -> Module:
+    return Module(norm, overwrites=isinstance(norm, RMSNorm2d))
 
 
-class ResBlock(nn.Module):
+class ResBlock(Described):
     """conv3x3 -> act -> conv3x3 (no bias) -> norm, plus the input."""
 
     def __init__(self, channels: int, norm_type: str, act_fn: str | None):
@@ -180,11 +154,11 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.norm = make_norm(norm_type, channels)
-        self.act = activation(act_fn)
+        self.act_fn = act_fn
+        act(act_fn)  # an unknown name is refused at build time
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(self.act(self.conv1(x)))
-        return self.norm(h).add_(x)
+    def describe(self):
+        return [Residual([self.conv1, act(self.act_fn), self.conv2, norm_op(self.norm)])]
 
 
 class MultiscaleProjection(nn.Module):
@@ -195,18 +169,9 @@ class MultiscaleProjection(nn.Module):
         self.proj_in = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False)
         self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_out(self.proj_in(x))
 
-
-class MultiscaleLinearAttention(nn.Module):
-    """SANA's multi-scale ReLU linear attention ("LiteMLA"), with its norm and residual.
-
-    to_q/to_k/to_v are the three thirds of one fused qkv projection. Heads are formed from the concatenation
-    [q, k, v] (and each multiscale aggregate of it) in groups of 3 x head_dim channels: in each group the first
-    head_dim channels act as queries, the next as keys, the last as values. Above head_dim tokens the attention is
-    linear, ReLU(q) (V ReLU(K)^T) / (1^T ReLU(K)^T ReLU(q) + eps), in float32; otherwise quadratic.
-    """
+class MultiscaleLinearAttention(Described):
+    """SANA's multi-scale ReLU linear attention ("LiteMLA") with its norm and residual: ``ops.LinearAttention``."""
 
     eps = 1e-15
 
@@ -221,42 +186,16 @@ class MultiscaleLinearAttention(nn.Module):
         self.to_out = nn.Linear(channels * (1 + len(kernel_sizes)), channels, bias=False)
         self.norm_out = make_norm(norm_type, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n, d = h * w, self.head_dim
-        qkv = pointwise(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
-        sources = [qkv] + [ms(qkv) for ms in self.to_qkv_multiscale]
-        out = x.new_empty(b, c * len(sources), n)
-        for i, src in enumerate(sources):
-            dst = out[:, i * c:(i + 1) * c].view(b, -1, d, n)
-            if n > d:
-                self._linear(src.view(b, -1, 3 * d, n), dst)
-            else:
-                self._quadratic(src.view(b, -1, 3 * d, n), dst)
-        y = pointwise(out.view(b, -1, h, w), self.to_out.weight)
-        return self.norm_out(y).add_(x)
-
-    def _linear(self, groups: torch.Tensor, dst: torch.Tensor) -> None:
-        d = self.head_dim
-        groups = groups.float()  # no copy in float32; the linear attention always runs in float32
-        groups[:, :, : 2 * d].relu_()  # q and k; v stays as is
-        q, k, v = groups[:, :, :d], groups[:, :, d: 2 * d], groups[:, :, 2 * d:]
-        kt = k.transpose(-1, -2)
-        # rows 0..d-1: V K^T; row d: the sum of the keys (the "row of ones" appended to V)
-        vk = torch.cat([torch.matmul(v, kt), kt.sum(-2, keepdim=True)], dim=2)
-        num_den = torch.matmul(vk, q)
-        torch.div(num_den[:, :, :d], num_den[:, :, d:].add(self.eps), out=dst)
-
-    def _quadratic(self, groups: torch.Tensor, dst: torch.Tensor) -> None:
-        d = self.head_dim
-        groups[:, :, : 2 * d].relu_()
-        q, k, v = groups[:, :, :d], groups[:, :, d: 2 * d], groups[:, :, 2 * d:]
-        scores = torch.matmul(k.transpose(-1, -2), q).float()
-        scores = scores / (scores.sum(dim=2, keepdim=True) + self.eps)
-        dst.copy_(torch.matmul(v, scores.to(v.dtype)))
+    def describe(self):
+        return [LinearAttention(self)]
 
 
-class GLUMBConv(nn.Module):
+def _glu(x: torch.Tensor, own: bool) -> torch.Tensor:
+    h, gate = x.chunk(2, dim=1)
+    return h.mul_(F.silu(gate, inplace=True)) if own else h * F.silu(gate)
+
+
+class GLUMBConv(Described):
     """Gated inverted bottleneck: 1x1 C->8C, SiLU, depthwise 3x3, x * SiLU(gate) (4C each), 1x1 4C->C, RMSNorm, + input."""
 
     def __init__(self, channels: int, expand: int = 4):
@@ -267,21 +206,19 @@ class GLUMBConv(nn.Module):
         self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
         self.norm = RMSNorm2d(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(pointwise(x, self.conv_inverted.weight, self.conv_inverted.bias), inplace=True)
-        h, gate = self.conv_depth(h).chunk(2, dim=1)
-        h = h.mul_(F.silu(gate, inplace=True))
-        return self.norm(pointwise(h, self.conv_point.weight)).add_(x)
+    def describe(self):
+        return [Residual([self.conv_inverted, act("silu"), self.conv_depth, Fn(_glu, lambda c: c // 2),
+                          self.conv_point, norm_op(self.norm)])]
 
 
-class EfficientViTBlock(nn.Module):
+class EfficientViTBlock(Described):
     def __init__(self, channels: int, head_dim: int, kernel_sizes, norm_type: str):
         super().__init__()
         self.attn = MultiscaleLinearAttention(channels, head_dim, kernel_sizes, norm_type)
         self.conv_out = GLUMBConv(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.attn(x))
+    def describe(self):
+        return [self.attn, self.conv_out]
 
 
 def make_block(block_type: str, channels: int, head_dim: int, norm_type: str, act_fn: str | None, kernel_sizes):
@@ -292,7 +229,16 @@ def make_block(block_type: str, channels: int, head_dim: int, norm_type: str, ac
     raise VAEError(f"DC-AE block type {block_type!r} is not supported; use {_RES!r} or {_VIT!r}")
 
 
-class DCDownBlock2d(nn.Module):
+def group_mean(group: int) -> Fn:
+    """Average every ``group`` consecutive channels."""
+    return Fn(lambda x, own: x.unflatten(1, (-1, group)).mean(dim=2), lambda c: c // group)
+
+
+def repeat_channels(n: int) -> Fn:
+    return Fn(lambda x, own: x.repeat_interleave(n, dim=1), lambda c: c * n)
+
+
+class DCDownBlock2d(Described):
     """Halves the resolution: a 3x3 conv to out/4 channels + pixel-unshuffle ("pixel_unshuffle"), or a stride-2 3x3
     conv (any other type name). The shortcut is pixel-unshuffle followed by averaging groups of channels."""
 
@@ -304,16 +250,12 @@ class DCDownBlock2d(nn.Module):
         conv_out = out_channels // 4 if pixel_unshuffle else out_channels
         self.conv = nn.Conv2d(in_channels, conv_out, 3, 1 if pixel_unshuffle else 2, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        if self.pixel_unshuffle:
-            y = F.pixel_unshuffle(y, 2)
-        if self.shortcut:
-            y = y.add_(F.pixel_unshuffle(x, 2).unflatten(1, (-1, self.group)).mean(dim=2))
-        return y
+    def describe(self):
+        main = [self.conv, PixelUnshuffle(2) if self.pixel_unshuffle else None]
+        return [Residual(main, [PixelUnshuffle(2), group_mean(self.group)])] if self.shortcut else main
 
 
-class DCUpBlock2d(nn.Module):
+class DCUpBlock2d(Described):
     """Doubles the resolution: nearest x2 + 3x3 conv ("interpolate"), or a 3x3 conv to 4*out + pixel-shuffle (any
     other type name). The shortcut repeats every channel and pixel-shuffles the result."""
 
@@ -324,50 +266,16 @@ class DCUpBlock2d(nn.Module):
         self.repeats = out_channels * 4 // in_channels
         self.conv = nn.Conv2d(in_channels, out_channels if interpolate else 4 * out_channels, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.interpolate:
-            y = upsample_conv(x, self.conv.weight, self.conv.bias)
-        else:
-            y = F.pixel_shuffle(self.conv(x), 2)
-        if self.shortcut:
-            y = y.add_(channel_to_space(x, self.repeats))
-        return y
-
-
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv3x3(nearest_upsample_x2(x)), padding 1, computed at the low resolution with 2.25x fewer FLOPs.
-
-    Output row 2i+a of the upsampled conv sees input rows (i-1, i) with kernel rows (w0, w1+w2) when a = 0, and
-    rows (i, i+1) with (w0+w1, w2) when a = 1; the same holds for columns. So each of the four output phases
-    (a, b) is a 2x2 conv of the input padded by one, and one conv with 4x the outputs computes all of them."""
-    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:  # (.., 3, ..) -> (phase, .., 2, ..)
-        w0, w1, w2 = w.unbind(dim)
-        return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
-
-    o = weight.shape[0]
-    k = fold(fold(weight, 2), 4)  # (col phase, row phase, O, I, 2, 2)
-    k = k.transpose(0, 1).reshape(4 * o, *weight.shape[1:2], 2, 2)
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, None if bias is None else bias.repeat(4))
-    b, _, h1, w1 = y.shape
-    h, w = h1 - 1, w1 - 1
-    y = y.view(b, 2, 2, o, h1, w1)
-    out = y.new_empty(b, o, h, 2, w, 2)
-    for a in (0, 1):
-        for c in (0, 1):
-            out[:, :, :, a, :, c] = y[:, a, c, :, a:a + h, c:c + w]
-    return out.view(b, o, 2 * h, 2 * w)
-
-
-def channel_to_space(x: torch.Tensor, repeats: int) -> torch.Tensor:
-    """pixel_shuffle(repeat_interleave(x, repeats, dim=1), 2)."""
-    return F.pixel_shuffle(x.repeat_interleave(repeats, dim=1), 2)
+    def describe(self):
+        main = [UpConv(self.conv)] if self.interpolate else [self.conv, PixelShuffle(2)]
+        return [Residual(main, [repeat_channels(self.repeats), PixelShuffle(2)])] if self.shortcut else main
 
 
 def _per_stage(value, n: int) -> list:
     return [value] * n if isinstance(value, str) or value is None else list(value)
 
 
-class Encoder(nn.Module):
+class Encoder(Described):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
         ch, layers = list(cfg["encoder_block_out_channels"]), list(cfg["encoder_layers_per_block"])
@@ -389,17 +297,12 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg["latent_channels"], 3, 1, 1)
         self.out_group = ch[-1] // cfg["latent_channels"] if cfg["encoder_out_shortcut"] else 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
-        for stage in self.down_blocks:
-            x = stage(x)
-        z = self.conv_out(x)
-        if self.out_group:
-            z = z.add_(x.unflatten(1, (-1, self.out_group)).mean(dim=2))
-        return z
+    def describe(self):
+        out = Residual([self.conv_out], [group_mean(self.out_group)]) if self.out_group else self.conv_out
+        return [self.conv_in, *self.down_blocks, out]
 
 
-class Decoder(nn.Module):
+class Decoder(Described):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
         ch, layers = list(cfg["decoder_block_out_channels"]), list(cfg["decoder_layers_per_block"])
@@ -421,19 +324,16 @@ class Decoder(nn.Module):
         self.up_blocks = nn.ModuleList(stages)  # stage order; run from the last (lowest resolution) to the first
         last = ch[0] if layers[0] > 0 else ch[1]
         self.norm_out = RMSNorm2d(last)
-        self.conv_act = activation(cfg["decoder_conv_act_fn"])
+        self.conv_act = cfg["decoder_conv_act_fn"]
+        act(self.conv_act)
         if layers[0] > 0:
             self.conv_out = nn.Conv2d(last, cfg["in_channels"], 3, 1, 1)
         else:
             self.conv_out = DCUpBlock2d(last, cfg["in_channels"], interpolate, shortcut=False)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(z)
-        if self.in_repeats:
-            x = x.add_(z.repeat_interleave(self.in_repeats, dim=1))
-        for stage in reversed(self.up_blocks):
-            x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+    def describe(self):
+        first = Residual([self.conv_in], [repeat_channels(self.in_repeats)]) if self.in_repeats else self.conv_in
+        return [first, *reversed(self.up_blocks), norm_op(self.norm_out), act(self.conv_act), self.conv_out]
 
 
 def _check_config(cfg: Mapping[str, Any]) -> None:
@@ -461,6 +361,9 @@ class AutoencoderDC(nn.Module):
         self.decoder = Decoder(cfg)
         self.latent_channels = cfg["latent_channels"]
         self.downscale = 2 ** (len(cfg["encoder_block_out_channels"]) - 1)
+
+    def describe(self, direction: str):
+        return [self.encoder if direction == "encode" else self.decoder]
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.encoder(x), None
@@ -687,3 +590,17 @@ def guess_variant(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], hin
 def build(config: Mapping[str, Any]) -> AutoencoderDC:
     """load_vae calls this on the meta device and assigns the weights (no random init of ~1B parameters)."""
     return AutoencoderDC(config)
+
+
+def _tiny_latent(model, latent_hw) -> bool:
+    """DC-AE attends quadratically over at most head_dim tokens: such a latent gains nothing from tiling."""
+    return latent_hw[0] * latent_hw[1] <= model.config.get("attention_head_dim", 32)
+
+
+FAMILY = Family(
+    name="dc", module=sys.modules[__name__], diffusers_classes=("AutoencoderDC",),
+    default_variant="dc-ae-f32c32-sana-1.0", downscale=32, latent_channels=32,
+    # wide layers: recomputing halos costs more than storing one more activation
+    fuse_halo=0.06, untiled_below=_tiny_latent,
+    preview={"dc-ae-f32c32-sana-1.0": "taesana", "dc-ae-f32c32-sana-1.1": "taesana"},
+)

@@ -6,16 +6,16 @@ Decoder: conv_in -> mid_block -> up_blocks (reversed channels, layers+1 resnets)
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, group_norm
 from .convert import rename_keys, squeeze_linear
-
-FAMILY = "kl"
+from .family import Family
+from .ops import Chain, Described, EagerContext, Norm
 
 # The diffusers config fields that change the model, with diffusers' defaults.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -38,7 +38,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 _SD_LAYOUT = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32}
 
-# Released configurations (vae-families.md, section 1.6).
+# Released configurations.
 VARIANTS: dict[str, dict[str, Any]] = {
     "sd1": {**_SD_LAYOUT, "latent_channels": 4, "scaling_factor": 0.18215, "sample_size": 512},
     "sdxl": {**_SD_LAYOUT, "latent_channels": 4, "scaling_factor": 0.13025, "sample_size": 1024},
@@ -53,7 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 VARIANT_FACTORS = ("scaling_factor", "shift_factor", "force_upcast", "sample_size", "latents_mean", "latents_std")
 
 
-class Encoder(nn.Module):
+class Encoder(Described):
     def __init__(self, in_channels: int, latent_channels: int, block_out_channels, layers_per_block: int,
                  groups: int, double_z: bool = True, mid_block_add_attention: bool = True):
         super().__init__()
@@ -67,15 +67,11 @@ class Encoder(nn.Module):
         self.conv_norm_out = group_norm(ch[-1], groups)
         self.conv_out = nn.Conv2d(ch[-1], 2 * latent_channels if double_z else latent_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+    def describe(self):
+        return [self.conv_in, *self.down_blocks, self.mid_block, Norm(self.conv_norm_out, "silu"), self.conv_out]
 
 
-class Decoder(nn.Module):
+class Decoder(Described):
     def __init__(self, latent_channels: int, out_channels: int, block_out_channels, layers_per_block: int,
                  groups: int, mid_block_add_attention: bool = True):
         super().__init__()
@@ -89,11 +85,8 @@ class Decoder(nn.Module):
         self.conv_norm_out = group_norm(rev[-1], groups)
         self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+    def describe(self):
+        return [self.conv_in, self.mid_block, *self.up_blocks, Norm(self.conv_norm_out, "silu"), self.conv_out]
 
 
 class AutoencoderKL(nn.Module):
@@ -112,17 +105,18 @@ class AutoencoderKL(nn.Module):
         self.latent_channels = lat
         self.downscale = 2 ** (len(ch) - 1)
 
+    def describe(self, direction: str):
+        """The whole encode path (to mean and logvar stacked on channels) or decode path."""
+        if direction == "encode":
+            return [self.encoder, self.quant_conv]
+        return [self.post_quant_conv, self.decoder]
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        mean, logvar = moments.chunk(2, dim=1)
+        mean, logvar = Chain(self.describe("encode")).eager(x, False, EagerContext()).chunk(2, dim=1)
         return mean, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return Chain(self.describe("decode")).eager(z, False, EagerContext())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,3 +211,11 @@ def guess_variant(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], hin
 
 def build(config: Mapping[str, Any]) -> AutoencoderKL:
     return AutoencoderKL(config)
+
+
+FAMILY = Family(
+    name="kl", module=sys.modules[__name__], diffusers_classes=("AutoencoderKL",), default_variant="sd1",
+    downscale=8, latent_channels=4,
+    preview={"sd1": "taesd", "sdxl": "taesdxl", "sdxl-fp16-fix": "taesdxl", "sd3": "taesd3", "flux1": "taef1"},
+    latent_formats={"SD15": "sd1", "SDXL": "sdxl", "SDXL_Playground_2_5": "sdxl", "SD3": "sd3", "Flux": "flux1"},
+)

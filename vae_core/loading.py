@@ -1,12 +1,12 @@
-"""Reading weights from every supported source and building the right family.
+"""Reading weights from every supported source and building the right family (``load_vae``).
 
 Sources: a weights file, a diffusers folder, a TAESD encoder/decoder pair (tuple or folder), a state dict,
 or ``hf:<repo_id>[/<subfolder or file>][@<revision>]`` through huggingface_hub.
 """
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -16,26 +16,18 @@ from typing import Any, Mapping
 
 import torch
 
+from . import registry
+from .convert import WeightParts
 from .errors import VAEError
+from .vae import VAE
+
+log = logging.getLogger("vae_core")
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
-FAMILIES = ("asym", "kl", "dc", "tiny")  # detection order: asym before kl (asym weights contain a KL encoder)
-CLASS_TO_FAMILY = {
-    "AutoencoderKL": "kl",
-    "AsymmetricAutoencoderKL": "asym",
-    "AutoencoderDC": "dc",
-    "AutoencoderTiny": "tiny",
-}
 _CONTAINERS = ("state_dict", "model", "module", "model_state_dict", "ema")
 _PREFIXES = ("first_stage_model.", "vae.", "model.vae.")
 # File names that say nothing about the model (the folder holding them does: mit-han-lab/dc-ae-f32c32-in-1.0/...)
 GENERIC_STEMS = {"model", "diffusion_pytorch_model", "pytorch_model", "vae", "ae", "weights", "checkpoint"}
-
-
-def family_module(name: str):
-    if name not in FAMILIES:
-        raise VAEError(f"unknown VAE family {name!r}: use one of {', '.join(FAMILIES)} (or None to detect it)")
-    return importlib.import_module(f".{name}", __package__)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -173,7 +165,7 @@ def read_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         return unwrap_state_dict(source), None, {}
     if isinstance(source, (tuple, list)):
         parts = [read_source(s) for s in source]
-        return ({"__parts__": [p[0] for p in parts]},  # resolved by the tiny family
+        return (WeightParts(p[0] for p in parts),  # an encoder/decoder pair: resolved by the tiny family
                 None, {"filename": " ".join(str(p[2].get("filename", "")) for p in parts)})
     if isinstance(source, str) and source.startswith("hf:"):
         sd, cfg, hints = read_source(resolve_hub(source))
@@ -187,13 +179,14 @@ def read_source(source: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
             path = path / "vae"  # a whole pipeline folder
         if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
+            config = read_config(path / "config.json")
             weights = _folder_weights(path)
             if weights is None:
                 raise VAEError(f"{path} has config.json but no single weights file "
                                "(expected diffusion_pytorch_model.safetensors)")
             sd, meta = read_weights(weights)
-            return unwrap_state_dict(sd), config, {"filename": f"{path.name} {weights.name}", "metadata": meta}
+            return unwrap_state_dict(sd), config, {"filename": f"{path.name} {weights.name}", "metadata": meta,
+                                                   "config_path": str(path / "config.json")}
         pair = tiny_pair_in(path)
         if pair is not None:
             return read_source(pair)
@@ -229,8 +222,163 @@ def describe_non_vae(sd: Mapping[str, torch.Tensor]) -> str:
     return f"an unknown model ({len(keys)} tensors, e.g. {', '.join(keys[:3])})"
 
 
-def detect_family(sd: Mapping[str, torch.Tensor]) -> str | None:
-    for name in FAMILIES:
-        if family_module(name).matches(sd):
-            return name
-    return None
+def read_config(path: Path) -> dict[str, Any]:
+    """A diffusers config.json -> dict, or a VAEError naming the file and what is wrong with it."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise VAEError(f"{path}: cannot read it ({e}); fix or replace the file") from None
+    except json.JSONDecodeError as e:
+        raise VAEError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file or "
+                       "download it again") from None
+    if not isinstance(config, dict):
+        raise VAEError(f"{path} must hold a JSON object of config fields, got a {type(config).__name__}")
+    return config
+
+
+def _kind(v) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    return "other"
+
+
+def check_config(config: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> None:
+    """Every field the family knows must have its default's type (a string where a number belongs is refused).
+
+    A field whose default is a string may also be a list (diffusers' per-stage block types), and one whose
+    default is None takes anything."""
+    for key, default in defaults.items():
+        if key not in config or default is None or config[key] is None:
+            continue
+        want, got = _kind(default), _kind(config[key])
+        if want == got or (want == "string" and got == "list") or (want == "list" and got == "string"):
+            continue
+        if want == "number" and got == "bool":
+            got = "bool"
+        raise VAEError(f"{where}: field {key!r} is {config[key]!r} ({got}), but it must be a {want} like "
+                       f"{default!r}; fix the config file")
+    for key in ("scaling_factor", "shift_factor"):
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise VAEError(f"{where}: field {key!r} is {v!r}, but it must be a number; fix the config file")
+
+
+# ------------------------------------------------------------------------------------------------ load_vae
+def load_vae(source: Any, family: str | None = None, variant: str | None = None,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VAE:
+    """Load a VAE of any supported family from a file, folder, state dict, file pair or ``hf:`` reference."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise VAEError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    sd, folder_config, hints = read_source(source)
+    pair = isinstance(sd, WeightParts)
+    if pair:
+        family = family or "tiny"
+    else:
+        sd, hints["companion_keys"] = strip_vae_prefix(sd)
+    if folder_config is not None and family is None:
+        rec = registry.by_class(folder_config.get("_class_name", ""))
+        family = rec.name if rec else None
+    detected = None if pair else registry.detect(sd)
+    if family is None:
+        if detected is None:
+            raise VAEError(f"{hints.get('filename') or 'this state dict'} is not a VAE: it looks like "
+                           f"{describe_non_vae(sd)}. Pick a VAE file (e.g. from models/vae)")
+        family = detected.name
+    rec = registry.get(family)
+    mod = rec.module
+    if detected is not None and detected.name != family:
+        raise VAEError(f"family={family!r} was asked for, but the weights are a {detected.name!r} VAE")
+    if not pair and not mod.matches(sd):
+        raise VAEError(f"family={family!r} was asked for, but the weights are not that family: "
+                       f"{describe_non_vae(sd)}")
+    sd = mod.convert(sd)
+    try:
+        config = dict(mod.infer_config(sd))
+    except (KeyError, ValueError, IndexError) as e:
+        if isinstance(e, VAEError):
+            raise
+        raise VAEError(f"the weights look like a {family} VAE but are incomplete (missing {e}): the file may be "
+                       "truncated or only part of a model") from None
+    inferred = dict(config)
+    if folder_config:
+        check_config(folder_config, mod.DEFAULT_CONFIG, hints.get("config_path") or "config.json")
+        config.update({k: v for k, v in folder_config.items() if not k.startswith("_")})
+    explicit = variant is not None
+    if variant is None:
+        variant = mod.guess_variant(sd, config, hints)
+    elif variant not in mod.VARIANTS:
+        raise VAEError(f"unknown {family} variant {variant!r}; known: {', '.join(mod.VARIANTS)}")
+    preset = mod.VARIANTS.get(variant)
+    if preset is not None:
+        factors = set(mod.VARIANT_FACTORS)
+        if explicit:
+            clash = [k for k, v in preset.items() if k not in factors and k in inferred
+                     and _shape_value(v) is not None and _shape_value(v) != _shape_value(inferred[k])]
+            if clash:
+                detail = ", ".join(f"{k}={inferred[k]} (variant: {preset[k]})" for k in clash[:3])
+                raise VAEError(f"variant={variant!r} does not fit these weights: {detail}. Use the variant of the "
+                               f"weights (detected: {mod.guess_variant(sd, inferred, hints)!r}) or other weights")
+        folder_wins = folder_config is not None and not explicit and rec.folder_factors_apply
+        for key in factors:  # an explicit variant wins; a guessed one defers to a diffusers folder's own config
+            if key in preset and not folder_wins:
+                config[key] = preset[key]
+        for key, value in preset.items():
+            config.setdefault(key, value)
+    model = _build(mod, config, sd, family, variant)
+
+    upcast = ""
+    if dtype == torch.float16 and config.get("force_upcast", False):
+        upcast = f"{family}/{variant} sets force_upcast: kept in float32 (fp16 overflows in this VAE)"
+        log.info("vae_core: %s", upcast)
+        dtype = torch.float32
+    return VAE(model, family, variant, config, device=device, dtype=dtype, upcast_reason=upcast)
+
+
+def _shape_value(v):
+    """Ints and lists of ints (channel counts, layer counts) compare across configs; anything else is skipped."""
+    if isinstance(v, (tuple, list)):
+        items = [_shape_value(x) for x in v]
+        return None if any(x is None for x in items) else items
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _build(mod, config: dict, sd: dict, family: str, variant: str) -> torch.nn.Module:
+    """Build on the meta device (no random init, one copy of the weights in memory), then assign the tensors."""
+    try:
+        with torch.device("meta"):
+            model = mod.build(config)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+        if isinstance(e, VAEError):
+            raise
+        raise VAEError(f"the {family} config ({variant}) cannot be built: {type(e).__name__}: {e}. Check the "
+                       "config fields") from None
+    _load_weights(model, sd, family, variant)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # state outside the state dict: build for real
+        model = mod.build(config)
+        _load_weights(model, sd, family, variant)
+    return model
+
+
+def _load_weights(model: torch.nn.Module, sd: dict, family: str, variant: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {list(sd[k].shape)} vs {list(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} with other shapes (e.g. {'; '.join(wrong[:2])})")
+        raise VAEError(f"the weights do not fit a {family} VAE ({variant}): {'; '.join(parts)}. The file may be "
+                       "truncated, of another model, or of an unsupported variant")
+    # built on the meta device (no random init of ~1B parameters): assign the tensors then
+    model.load_state_dict(sd, strict=True, assign=any(t.is_meta for t in own.values()))

@@ -1,12 +1,14 @@
-"""Layer-wise streaming: run a VAE over an image in tiles, exactly, with a working set bounded by the tile.
+"""Layer-wise streaming: run a described network (``ops``) over an image in tiles, exactly, with a working set
+bounded by the tile.
 
 Why not "run the model per tile and blend": every GroupNorm normalises with statistics of the *whole* feature
 map, the KL mid block attends over the whole latent and DC-AE's linear attention sums over it. A tile that sees
 only itself gets other statistics (colour and contrast shifts, seams) whatever the overlap. Recomputing every
 tile up to each GroupNorm would be exact but costs about (number of GN layers / 2) decodes.
 
-What we do instead. A family describes its network as a *program*: a list of steps over named feature maps
-("buffers") that live in a *store* (host RAM, or a temp file on disk), not on the compute device.
+What we do instead. ``Compiler`` turns a network's description (the same one its untiled forward runs) into a
+*program*: a list of steps over named feature maps ("buffers") that live in a *store* (host RAM, a temp file on
+disk, or the device), not on the compute device.
 
 - ``Sweep``: for every output tile, read the input buffer(s) over the region the step's layers need (a halo
   of 1 px per 3x3 conv, derived from the layers, never guessed), run the layers on the device, write the tile's
@@ -14,18 +16,15 @@ What we do instead. A family describes its network as a *program*: a list of ste
   count/mean/M2, merged with Chan's formula in float64): these are the next GroupNorm's statistics, known
   exactly before any tile passes that GroupNorm.
 - A GroupNorm with known statistics is a per-channel affine map, i.e. pointwise: it becomes the first op of
-  the next sweep. Between two GroupNorms the layers are local (convs, up/downsampling, activations), so a
-  sweep is exact tile by tile; halos are per sweep, a few pixels, so the extra compute is small.
-- Global steps (attention) use the same reductions: softmax attention streams query tiles against key/value
-  tiles with a running log-sum-exp; linear attention sums ``v k^T`` over tiles, then applies it per tile.
-- Purely local chains (TAESD) are fused into one sweep whose halo covers the chain's receptive field: that
-  needs no stored activations between the layers.
+  the next sweep. Local ops between two global ones fuse into one sweep while the halo stays small relative to
+  the tile, so purely local chains (TAESD) need few stored activations.
+- Global steps use the same reductions: softmax attention streams query tiles against key/value strips with a
+  running log-sum-exp (``attention_step``); linear attention sums ``v k^T`` over tiles, then applies it per tile.
 
 The compute device therefore only ever holds one tile's activations (peak ~ tile, not image), and every
 result equals the untiled one up to float rounding (different summation order). The full-resolution
-activations between sweeps are what the untiled run also holds; they go to the store, which on CUDA is host
-RAM and on CPU a temp file once they exceed the RAM budget (see ``tiling``), so they do not count against the
-device. The cost is the I/O of writing and re-reading those buffers once per sweep.
+activations between sweeps are what the untiled run also holds; they go to the store. The cost is the I/O of
+writing and re-reading those buffers once per sweep.
 """
 from __future__ import annotations
 
@@ -33,287 +32,14 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .errors import VAEInterrupted
-
-
-# ================================================================================================ regions
-@dataclass(frozen=True)
-class Region:
-    """A half-open rectangle [y0, y1) x [x0, x1) in one buffer's pixel grid (may extend past its edges)."""
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-
-    @property
-    def h(self) -> int:
-        return self.y1 - self.y0
-
-    @property
-    def w(self) -> int:
-        return self.x1 - self.x0
-
-    def union(self, o: "Region") -> "Region":
-        return Region(min(self.y0, o.y0), max(self.y1, o.y1), min(self.x0, o.x0), max(self.x1, o.x1))
-
-    def clip(self, hw: tuple[int, int]) -> "Region":
-        return Region(max(self.y0, 0), min(self.y1, hw[0]), max(self.x0, 0), min(self.x1, hw[1]))
-
-    def inside(self, o: "Region") -> bool:
-        return o.y0 <= self.y0 and self.y1 <= o.y1 and o.x0 <= self.x0 and self.x1 <= o.x1
-
-
-def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
-    assert want.inside(have), (want, have)
-    return x[..., want.y0 - have.y0: want.y1 - have.y0, want.x0 - have.x0: want.x1 - have.x0]
-
-
-def zero_outside(x: torch.Tensor, r: Region, hw: tuple[int, int], inplace: bool = False) -> torch.Tensor:
-    """x over region r, with everything outside the buffer [0,h) x [0,w) set to zero (a conv's zero padding)."""
-    v = r.clip(hw)
-    if v == r:
-        return x
-    if v.h <= 0 or v.w <= 0:
-        return x.zero_() if inplace else torch.zeros_like(x)
-    if inplace:
-        x[..., : v.y0 - r.y0, :] = 0
-        x[..., v.y1 - r.y0:, :] = 0
-        x[..., :, : v.x0 - r.x0] = 0
-        x[..., :, v.x1 - r.x0:] = 0
-        return x
-    inner = crop(x, r, v)
-    return F.pad(inner, (v.x0 - r.x0, r.x1 - v.x1, v.y0 - r.y0, r.y1 - v.y1))
-
-
-def split(n: int, t: int) -> list[tuple[int, int]]:
-    """[0, n) into ceil(n/t) nearly equal spans (no sliver tiles)."""
-    k = max(1, -(-n // max(1, t)))
-    cuts = [round(i * n / k) for i in range(k + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(k)]
-
-
-def grid(hw: tuple[int, int], tile: int) -> list[Region]:
-    return [Region(y0, y1, x0, x1) for y0, y1 in split(hw[0], tile) for x0, x1 in split(hw[1], tile)]
-
-
-# ================================================================================================ layers
-class Layer:
-    """A local op: ``need`` maps an output region to the input region it reads; ``apply`` computes it.
-    ``scale``: output resolution / input resolution."""
-
-    scale = 1.0
-
-    def size(self, hw: tuple[int, int]) -> tuple[int, int]:
-        return hw
-
-    def need(self, r: Region) -> Region:
-        return r
-
-    def apply(self, x: torch.Tensor, have: Region, r: Region, hw_in: tuple[int, int], ctx: "Runner") -> torch.Tensor:
-        raise NotImplementedError
-
-    def channels(self, c: int) -> int:  # output channels for c input channels (memory estimates)
-        return c
-
-
-class Conv(Layer):
-    """A conv (any kernel/stride/groups) with its zero padding done explicitly at the buffer edges.
-
-    ``pre`` is a pointwise function applied to the conv's input first (GroupNorm-with-known-stats + activation):
-    the zero padding belongs *after* it, as in the untiled network.
-    """
-
-    def __init__(self, conv: torch.nn.Conv2d, pre: Callable | None = None, pad: tuple[int, int, int, int] | None = None,
-                 inplace: bool = False):
-        # inplace: the input tensor is this layer's alone (a fresh read, or a previous layer's output), so the
-        # pointwise ``pre`` and the zero padding may overwrite it: one tile-sized tensor less at the peak
-        self.inplace = inplace
-        self.weight, self.bias = conv.weight, conv.bias
-        self.groups = conv.groups
-        self.k = tuple(conv.kernel_size)
-        self.s = tuple(conv.stride)
-        assert tuple(conv.dilation) == (1, 1)
-        p = conv.padding if pad is None else None
-        # (top, bottom, left, right)
-        self.pad = (p[0], p[0], p[1], p[1]) if pad is None else pad
-        self.pre = pre
-        self.scale = 1.0 / self.s[0]
-
-    def size(self, hw):
-        t, b, l, r = self.pad
-        return ((hw[0] + t + b - self.k[0]) // self.s[0] + 1, (hw[1] + l + r - self.k[1]) // self.s[1] + 1)
-
-    def need(self, r):
-        t, _, l, _ = self.pad
-        return Region(r.y0 * self.s[0] - t, (r.y1 - 1) * self.s[0] - t + self.k[0],
-                      r.x0 * self.s[1] - l, (r.x1 - 1) * self.s[1] - l + self.k[1])
-
-    def apply(self, x, have, r, hw_in, ctx):
-        n = self.need(r)
-        x = crop(x, have, n)
-        if self.pre is not None:
-            x = self.pre(x, ctx, self.inplace)
-        x = zero_outside(x, n, hw_in, inplace=self.inplace or self.pre is not None)
-        return F.conv2d(x, self.weight, self.bias, self.s, 0, 1, self.groups)
-
-    def channels(self, c):
-        return self.weight.shape[0]
-
-
-class Up(Layer):
-    """Nearest-neighbour upsampling by an integer factor."""
-
-    def __init__(self, factor: int = 2):
-        self.f = factor
-        self.scale = float(factor)
-
-    def size(self, hw):
-        return hw[0] * self.f, hw[1] * self.f
-
-    def need(self, r):
-        f = self.f
-        return Region(r.y0 // f, (r.y1 - 1) // f + 1, r.x0 // f, (r.x1 - 1) // f + 1)
-
-    def apply(self, x, have, r, hw_in, ctx):
-        n = self.need(r)
-        x = F.interpolate(crop(x, have, n), scale_factor=float(self.f), mode="nearest")
-        return crop(x, Region(n.y0 * self.f, n.y1 * self.f, n.x0 * self.f, n.x1 * self.f), r)
-
-
-class Subsample(Layer):
-    """Nearest-neighbour downsampling by an integer factor (``F.interpolate(size=hw/f, mode='nearest')``)."""
-
-    def __init__(self, factor: int):
-        self.f = factor
-        self.scale = 1.0 / factor
-
-    def size(self, hw):
-        return hw[0] // self.f, hw[1] // self.f
-
-    def need(self, r):
-        f = self.f
-        return Region(r.y0 * f, (r.y1 - 1) * f + 1, r.x0 * f, (r.x1 - 1) * f + 1)
-
-    def apply(self, x, have, r, hw_in, ctx):
-        return crop(x, have, self.need(r))[..., :: self.f, :: self.f]
-
-
-class PixelShuffle(Layer):
-    """F.pixel_shuffle(x, f): channels to space."""
-
-    def __init__(self, factor: int = 2):
-        self.f = factor
-        self.scale = float(factor)
-
-    def size(self, hw):
-        return hw[0] * self.f, hw[1] * self.f
-
-    def need(self, r):
-        return Up(self.f).need(r)
-
-    def apply(self, x, have, r, hw_in, ctx):
-        n = self.need(r)
-        y = F.pixel_shuffle(crop(x, have, n), self.f)
-        return crop(y, Region(n.y0 * self.f, n.y1 * self.f, n.x0 * self.f, n.x1 * self.f), r)
-
-    def channels(self, c):
-        return c // (self.f * self.f)
-
-
-class PixelUnshuffle(Layer):
-    """F.pixel_unshuffle(x, f): space to channels (the buffer's size must be a multiple of f)."""
-
-    def __init__(self, factor: int = 2):
-        self.f = factor
-        self.scale = 1.0 / factor
-
-    def size(self, hw):
-        return hw[0] // self.f, hw[1] // self.f
-
-    def need(self, r):
-        f = self.f
-        return Region(r.y0 * f, r.y1 * f, r.x0 * f, r.x1 * f)
-
-    def apply(self, x, have, r, hw_in, ctx):
-        return F.pixel_unshuffle(crop(x, have, self.need(r)), self.f)
-
-    def channels(self, c):
-        return c * self.f * self.f
-
-
-class Pointwise(Layer):
-    """Any per-pixel function ``fn(x, ctx)`` (activations, GroupNorm with known stats, 1x1 linears)."""
-
-    def __init__(self, fn: Callable, out_channels: Callable[[int], int] | None = None):
-        self.fn = fn
-        self._ch = out_channels
-
-    def apply(self, x, have, r, hw_in, ctx):
-        return self.fn(crop(x, have, r), ctx)
-
-    def channels(self, c):
-        return self._ch(c) if self._ch else c
-
-
-class Chain(Layer):
-    """Layers one after another (a fused local segment)."""
-
-    def __init__(self, layers: Sequence[Layer]):
-        self.layers = list(layers)
-        self.scale = math.prod(layer.scale for layer in self.layers)
-
-    def size(self, hw):
-        for layer in self.layers:
-            hw = layer.size(hw)
-        return hw
-
-    def need(self, r):
-        for layer in reversed(self.layers):
-            r = layer.need(r)
-        return r
-
-    def apply(self, x, have, r, hw_in, ctx):
-        regions = [r]
-        for layer in reversed(self.layers):
-            regions.append(layer.need(regions[-1]))
-        regions.reverse()  # regions[i] = input region of layer i; regions[-1] = r
-        hw = hw_in
-        for i, layer in enumerate(self.layers):
-            x = layer.apply(x, have, regions[i + 1], hw, ctx)
-            have, hw = regions[i + 1], layer.size(hw)
-        return x if have == r else crop(x, have, r)
-
-    def channels(self, c):
-        for layer in self.layers:
-            c = layer.channels(c)
-        return c
-
-
-class Residual(Layer):
-    """``post(main(x) + skip(x))`` for two local branches from the same input (TAESD's Block)."""
-
-    def __init__(self, main: Sequence[Layer], skip: Sequence[Layer] = (), post: Callable | None = None):
-        self.main, self.skip, self.post = Chain(main), Chain(skip), post
-        self.scale = self.main.scale
-
-    def size(self, hw):
-        return self.main.size(hw)
-
-    def need(self, r):
-        return self.main.need(r).union(self.skip.need(r))
-
-    def apply(self, x, have, r, hw_in, ctx):
-        y = self.main.apply(x, have, r, hw_in, ctx)
-        y = y + self.skip.apply(x, have, r, hw_in, ctx)
-        return self.post(y, ctx) if self.post is not None else y
-
-    def channels(self, c):
-        return self.main.channels(c)
+from .ops import Chain, Layer, Region, grid
 
 
 # ================================================================================================ stats
@@ -362,17 +88,13 @@ def group_affine(norm: torch.nn.GroupNorm, mom: torch.Tensor, dtype: torch.dtype
     return scale.to(dtype)[..., None, None], shift.to(dtype)[..., None, None]
 
 
-def gn_act(norm: torch.nn.GroupNorm, key: str, act: str | None = "silu") -> Callable:
+def gn_act(norm: torch.nn.GroupNorm, key: str, act: str | None) -> Callable:
     """Pointwise fn: GroupNorm ``norm`` with the exact statistics of buffer ``key``, then an activation."""
 
     def fn(x, ctx, inplace=False):
         scale, shift = ctx.affine(norm, key, x.dtype, x.device)
         y = x.mul_(scale).add_(shift) if inplace else torch.addcmul(shift, x, scale)
-        if act == "silu":
-            y = F.silu(y, inplace=True)
-        elif act == "relu":
-            y = F.relu(y, inplace=True)
-        return y
+        return ops.ACTIVATIONS[act](y, True) if act else y
 
     return fn
 
@@ -467,11 +189,6 @@ class Store:
     def __init__(self, kind: str, device: torch.device, dtype: torch.dtype, directory: str | None = None):
         self.kind, self.device, self.dtype, self.directory = kind, device, dtype, directory
         self.buffers: dict[str, object] = {}
-        self.bytes_now = 0
-        self.bytes_peak = 0
-
-    def _size(self, shape) -> int:
-        return math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Wrap a caller's tensor (the input, the output) without copying; it does not count as stored."""
@@ -484,9 +201,6 @@ class Store:
             buf = RamBuffer(shape, self.dtype, self.device)
         else:
             buf = RamBuffer(shape, self.dtype, "cpu", pin=self.device.type == "cuda")
-        buf.counted = self._size(shape)
-        self.bytes_now += buf.counted
-        self.bytes_peak = max(self.bytes_peak, self.bytes_now)
         self.buffers[name] = buf
 
     def alias(self, new: str, old: str) -> None:
@@ -495,7 +209,6 @@ class Store:
     def free(self, name: str) -> None:
         buf = self.buffers.pop(name, None)
         if buf is not None and all(b is not buf for b in self.buffers.values()):
-            self.bytes_now -= getattr(buf, "counted", 0)
             buf.close()
 
     def close(self):
@@ -526,7 +239,6 @@ class Sweep:
     inplace: str | None = None
     reduce: Callable | None = None  # reduce(y, ctx) -> folded into ctx.sums[reduce_key] by addition
     reduce_key: str | None = None
-    stats_fn: Callable | None = None  # stats of stats_fn(y, ctx) (a pointwise map of the output) instead of y
 
 
 @dataclass
@@ -540,8 +252,10 @@ class Custom:
     run: Callable
     tiles: Callable
     allocs: tuple[tuple[str, Buf], ...] = ()
-    work: Callable | None = None  # work(ctx, tile_px) -> device bytes per tile (estimates)
-    inplace: str | None = None  # the input buffer whose storage the output takes over
+    work: Callable | None = None  # work(ctx, tile_px, untiled) -> device bytes per tile (estimates)
+    inplace: str | None = None  # the input buffer whose storage the output takes over (set by the compiler)
+    reads: tuple[str, ...] = ()
+    core_only: str | None = None  # the input it reads only at each output tile's own core (may be taken over)
 
 
 @dataclass
@@ -581,7 +295,6 @@ class Runner:
         self._affine: dict = {}
         self.done = 0
         self.total = sum(self.count(s) for s in self.p.steps)
-        self.work_peak = 0
 
     # ---- geometry
     def hw(self, name_or_buf) -> tuple[int, int]:
@@ -663,9 +376,7 @@ class Runner:
                     y = y.add_(other)
             del ys
             if s.stats is not None:
-                ys = s.stats_fn(y, self) if s.stats_fn is not None else y
-                self.stats[s.stats] = merge_moments(self.stats.get(s.stats), moments(ys))
-                del ys
+                self.stats[s.stats] = merge_moments(self.stats.get(s.stats), moments(y))
             if s.reduce is not None:
                 part = s.reduce(y, self)
                 self.sums[s.reduce_key] = part if s.reduce_key not in self.sums else self.sums[s.reduce_key] + part
@@ -675,5 +386,290 @@ class Runner:
             self.tick()
 
 
-def identity() -> Layer:
-    return Chain([])
+
+
+# ================================================================================================ tiled forms
+class Affine(Layer):
+    """A GroupNorm whose input statistics (buffer ``key``) are known: a per-channel affine map, then ``act``."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, key: str, act: str | None):
+        self.fn = gn_act(norm, key, act)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return self.fn(crop_to(x, have, r), ctx)
+
+
+def crop_to(x, have, r):
+    return x if have == r else ops.crop(x, have, r)
+
+
+class KV(Layer):
+    """Keys and values of ``ops.Attention`` per pixel (its GroupNorm with the known statistics of ``key``)."""
+
+    def __init__(self, attn, key: str):
+        self.attn, self.norm = attn, gn_act(attn.group_norm, key, None)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        a = self.attn
+        tok = self.norm(crop_to(x, have, r), ctx).flatten(2).transpose(1, 2)
+        k, v = F.linear(tok, a.to_k.weight, a.to_k.bias), F.linear(tok, a.to_v.weight, a.to_v.bias)
+        return torch.cat([k, v], -1).transpose(1, 2).reshape(x.shape[0], -1, r.h, r.w)
+
+    def channels(self, c):
+        return 2 * c
+
+
+class Partial(Layer):
+    """A sweep 'output' that is ``ops.LinearAttention.partial``: the tile's share of the global sums."""
+
+    def __init__(self, la: ops.LinearAttention):
+        self.la = la
+
+    def need(self, r):
+        return self.la.need(r)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return self.la.partial(x, have, r, hw_in)
+
+
+def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
+    """``ops.Attention`` tiled: exact softmax attention with one query tile and one key strip on the device.
+
+    For each query tile, keys/values stream strip by strip with a running max and normaliser (the log-sum-exp
+    merge of flash attention), so the result equals full attention up to rounding. out = to_out(attn) + x.
+    """
+    c = xbuf.channels
+    norm = gn_act(attn.group_norm, x, None)
+    scale = 1.0 / math.sqrt(c)
+    block_max = ops.Attention.BLOCK
+
+    def run(ctx):
+        store = ctx.store
+        if step.inplace:
+            store.alias(out, x)  # each query tile reads x only at its own core, then overwrites it
+        else:
+            store.alloc(out, (ctx.batch, c) + ctx.hw(xbuf))
+        tiles = ctx.tiles(xbuf)
+        h_all, w_all = ctx.hw(xbuf)
+        # keys/values stream in full-width strips of about block tokens; queries go block at a time, so the
+        # score matrix is at most block x block whatever the tile and latent size
+        block = min(block_max, max(r.h * r.w for r in tiles))  # scales with the tile, at most BLOCK
+        rows = max(1, min(h_all, block // w_all))
+        key_blocks = [Region(y, min(y + rows, h_all), 0, w_all) for y in range(0, h_all, rows)]
+        for r in tiles:
+            ctx.check_stop()
+            xt = store.buffers[x].read(r, ctx.device, ctx.dtype)
+            b, _, h, w = xt.shape
+            tok = norm(xt, ctx).flatten(2).transpose(1, 2)
+            q_all = F.linear(tok, attn.to_q.weight, attn.to_q.bias).float() * scale
+            del tok
+            o = torch.empty_like(q_all)
+            for q0 in range(0, q_all.shape[1], block):
+                q = q_all[:, q0:q0 + block]
+                m = torch.full(q.shape[:2] + (1,), -math.inf, device=q.device)
+                den = torch.zeros_like(m)
+                acc = torch.zeros_like(q)
+                for rk in key_blocks:
+                    kvt = store.buffers[kv].read(rk, ctx.device, ctx.dtype).flatten(2).transpose(1, 2).float()
+                    k, v = kvt[..., :c], kvt[..., c:]
+                    s = torch.bmm(q, k.transpose(1, 2))
+                    m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+                    p = s.sub_(m_new).exp_()  # in place: one score block at a time
+                    corr = torch.exp(m - m_new)
+                    den = den * corr + p.sum(-1, keepdim=True)
+                    acc = torch.baddbmm(acc * corr, p, v)
+                    m = m_new
+                    del s, p, kvt
+                o[:, q0:q0 + block] = acc / den
+            o = F.linear(o.to(ctx.dtype), attn.to_out[0].weight, attn.to_out[0].bias)
+            y = o.transpose(1, 2).reshape(b, c, h, w) + xt
+            ctx.stats[out] = merge_moments(ctx.stats.get(out), moments(y))
+            store.buffers[out].write(r, y)
+            ctx.tick()
+
+    def work(ctx, tile_px, untiled=False):
+        total = math.prod(ctx.hw(xbuf))
+        if untiled:  # ops.Attention.eager: tokens, q, k, v, out, plus a BLOCK x all-keys score block
+            return 4 * (total * c * 6 + min(total, block_max) * total)
+        n = min(max(1, round(tile_px / xbuf.d)) ** 2, total)
+        block = min(n, block_max)
+        kb = min(total, max(block, ctx.hw(xbuf)[1]))
+        return 4 * (n * c * 4 + kb * c * 4 + block * kb * 2)
+
+    step = Custom(run, lambda ctx: len(ctx.tiles(xbuf)), allocs=((out, xbuf),), work=work, reads=(x, kv),
+                  core_only=x)
+    return step
+
+
+# ================================================================================================ compiler
+@dataclass
+class Lazy:
+    """A value during compilation: ``layers`` (local, not yet run) applied to the stored buffer ``name``."""
+    name: str
+    buf: Buf
+    layers: list = field(default_factory=list)
+
+
+class Compiler:
+    """A network's description (``ops`` layers) -> a Program of sweeps.
+
+    Local ops accumulate on the current value and run in the next sweep; a sweep is emitted where a global op
+    needs its input stored (with statistics for a GroupNorm), where two stored values meet (a residual sum), or
+    where the fused halo would exceed ``fuse_halo`` of the tile. Afterwards, statistics nobody reads are
+    dropped, every buffer is freed after its last reader, and an output may take over an input's storage when
+    that input is read only at the output's own pixels for the last time.
+    """
+
+    def __init__(self, src: str, src_buf: Buf, dst: str, dst_buf: Buf, tile_px: int, fuse_halo: float,
+                 extra_inputs: dict | None = None):
+        self.p = Program(src, src_buf, dst, dst_buf, extra_inputs=dict(extra_inputs or {}))
+        self.tile_px, self.fuse_halo = tile_px, fuse_halo
+        self.n = 0
+        self.stats_read: set[str] = set()
+        self.stats_done: set[str] = set()
+
+    def name(self, tag: str) -> str:
+        self.n += 1
+        return f"{self.n}.{tag}"
+
+    def compile(self, layers) -> Program:
+        v = self.value(Chain(layers), Lazy(self.p.src, self.p.src_buf))
+        self.sweep([v], dst=self.p.dst, buf=self.p.dst_buf)
+        self._finish()
+        return self.p
+
+    # ---- values
+    @staticmethod
+    def out_buf(v: Lazy) -> Buf:
+        chain = Chain(v.layers)
+        return Buf(chain.channels(v.buf.channels), v.buf.d / chain.scale)
+
+    def value(self, layer: Layer, v: Lazy) -> Lazy:
+        if isinstance(layer, Chain):
+            for sub in layer.layers:
+                v = self.value(sub, v)
+            return v
+        if layer.local:
+            return self.extend(v, layer)
+        if isinstance(layer, ops.Residual):
+            x = self.stored(v)
+            main = self.value(layer.main, Lazy(x.name, x.buf))
+            out = self.stored_sum([main, Lazy(x.name, x.buf, list(layer.skip.layers))])
+            return self.extend(out, layer.post) if layer.post is not None else out
+        if isinstance(layer, ops.Norm):
+            x = self.with_stats(v)
+            return Lazy(x.name, x.buf, [Affine(layer.norm, x.name, layer.act)])
+        if isinstance(layer, ops.Attention):
+            x = self.with_stats(v)
+            kv = self.name("kv")
+            self.p.steps.append(Sweep([(x.name, KV(layer.attn, x.name))], kv, Buf(2 * x.buf.channels, x.buf.d)))
+            out = self.name("attn")
+            self.p.steps.append(attention_step(layer.attn, x.name, kv, out, x.buf))
+            self.stats_done.add(out)
+            return Lazy(out, x.buf)
+        if isinstance(layer, ops.LinearAttention):
+            x = self.stored(v)
+            la = ops.LinearAttention(layer.attn)
+            la.key = self.name("vk")
+            self.p.steps.append(Sweep([(x.name, Partial(la))], None, x.buf, reduce=lambda y, ctx: y,
+                                      reduce_key=la.key))
+            return Lazy(x.name, x.buf, [la])
+        if isinstance(layer, ops.Blend):
+            return self.blend(layer, v)
+        raise TypeError(f"the streaming compiler does not know {type(layer).__name__}")
+
+    def extend(self, v: Lazy, layer: Layer) -> Lazy:
+        """Append a local op, cutting first when the fused halo would grow past the budget."""
+        if v.layers and isinstance(v.layers[-1], Affine) and isinstance(layer, ops.Conv) and layer.pre is None:
+            fused = ops.Conv(layer.m, layer.explicit_pad, pre=v.layers[-1].fn, inplace=True)
+            return Lazy(v.name, v.buf, v.layers[:-1] + [fused])
+        trial = Chain(v.layers + [layer])
+        t = max(4, round(self.tile_px / (v.buf.d / trial.scale)))
+        if v.layers and ops.halo(trial, t) > max(2, self.fuse_halo * t):
+            v = self.stored(v)
+        return Lazy(v.name, v.buf, v.layers + [layer])
+
+    def stored(self, v: Lazy) -> Lazy:
+        """The value as a stored buffer (a sweep, unless it already is one)."""
+        if not v.layers:
+            return v
+        return self.sweep([v])
+
+    def with_stats(self, v: Lazy) -> Lazy:
+        x = self.stored(v)
+        if x.name not in self.stats_done:  # the program's input: a sweep that only reduces
+            self.p.steps.append(Sweep([(x.name, Chain([]))], None, x.buf, stats=x.name))
+            self.stats_done.add(x.name)
+        self.stats_read.add(x.name)
+        return x
+
+    def stored_sum(self, values: list[Lazy]) -> Lazy:
+        return self.sweep(values)
+
+    def sweep(self, values: list[Lazy], dst: str | None = None, buf: Buf | None = None, combine=None,
+              branches=None) -> Lazy:
+        buf = buf or self.out_buf(values[0])
+        dst = dst or self.name("x")
+        branches = branches or [(v.name, Chain(v.layers)) for v in values]
+        self.p.steps.append(Sweep(branches, dst, buf, stats=dst, combine=combine))
+        self.stats_done.add(dst)
+        return Lazy(dst, buf)
+
+    def blend(self, layer: ops.Blend, v: Lazy) -> Lazy:
+        from .errors import VAEError
+        buf = self.out_buf(v)
+        key = (buf.channels, round(buf.d))
+        chains = layer.chains()
+        if key not in chains:
+            raise VAEError(f"the condition encoder has no feature with {key[0]} channels at 1/{key[1]} resolution "
+                           "for this decoder: its decoder and condition encoder do not fit")
+        mask = ops.Subsample(key[1]) if key[1] > 1 else Chain([])
+        branches = [(v.name, Chain(v.layers)), ("masked", chains[key]), ("mask", mask)]
+        return self.sweep([v], buf=buf, combine=_blend, branches=branches)
+
+    # ---- clean-up passes
+    def _finish(self):
+        p = self.p
+        keep = {p.src, p.dst, *p.extra_inputs}
+        reads: dict[str, int] = {}
+        for i, s in enumerate(p.steps):
+            for name in (n for n, _ in s.branches) if isinstance(s, Sweep) else s.reads:
+                reads[name] = i
+        for s in p.steps:
+            if isinstance(s, Sweep) and s.stats is not None and s.stats not in self.stats_read:
+                s.stats = None
+        probe = Region(5, 9, 5, 9)
+        bufs = {p.src: p.src_buf, **p.extra_inputs}
+        for i, s in enumerate(p.steps):
+            if isinstance(s, Sweep) and s.dst is not None and s.dst != p.dst and s.combine is None:
+                names = [n for n, _ in s.branches]
+                for name, layer in s.branches:
+                    if (name not in keep and reads.get(name) == i and names.count(name) == 1
+                            and layer.need(probe) == probe and bufs.get(name) == s.out):
+                        s.inplace = name
+                        break
+            elif isinstance(s, Custom) and s.core_only not in keep and reads.get(s.core_only) == i:
+                s.inplace = s.core_only
+            if isinstance(s, Sweep) and s.dst is not None:
+                bufs[s.dst] = s.out
+            if isinstance(s, Custom):
+                bufs.update(dict(s.allocs))
+        steps = []
+        for i, s in enumerate(p.steps):
+            steps.append(s)
+            done = tuple(n for n, last in reads.items() if last == i and n not in keep)
+            if done:
+                steps.append(Free(done))
+        p.steps = steps
+
+
+def _blend(ys, r, ctx):
+    x, feat, m = ys
+    return x * m + feat * (1 - m)
+
+
+def compile(layers, direction_bufs: tuple[Buf, Buf], tile_px: int = 512, fuse_halo: float = 0.2,
+            extra_inputs: dict | None = None) -> Program:
+    """A description -> Program from ``"in"`` (Buf of the input) to ``"out"``."""
+    src_buf, dst_buf = direction_bufs
+    return Compiler("in", src_buf, "out", dst_buf, tile_px, fuse_halo, extra_inputs).compile(layers)

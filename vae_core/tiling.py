@@ -17,14 +17,13 @@ CUDA), 'disk' (temp files in $VAE_CORE_TILE_DIR or the system temp dir, read and
 activations stay under RAM_STORE_FRACTION of free RAM, else 'disk'. On CPU only the 'disk' store keeps the
 process's memory bounded by the tile: with 'ram' the stored activations are what an untiled run holds anyway.
 
-Checked against the lead's analysis: (1) GroupNorm needs whole-map statistics before a tile passes it, and
-pure recompute from a checkpoint costs ~(number of GN layers / 2) runs: agreed, hence streaming. (2) The latent
-resolution part is streamed too (not run untiled): otherwise K/V and the mid-block activations grow with the
-image and break the bound; attention streams key/value strips with an online softmax. Statistics merge
-per-tile (mean, M2) with Chan's formula in float64 (robust when |mean| >> std, unlike E[x^2] - mean^2 summed
-in float32). (3) TAESD's "halo = receptive field (~18 latent px)" tiling recomputes ~2.4x at 512 px tiles;
-sweeping per resolution stage keeps the halo at ~10 px of that stage (~1.1x compute) at the cost of storing
-the stage outputs.
+Why streaming rather than recompute: (1) GroupNorm needs whole-map statistics before a tile passes it, and
+recomputing from a checkpoint costs ~(number of GN layers / 2) runs. (2) The latent-resolution part is streamed
+too (not run untiled): otherwise K/V and the mid-block activations grow with the image and break the bound;
+attention streams key/value strips with an online softmax. Statistics merge per tile (mean, M2) with Chan's
+formula in float64 (robust when |mean| >> std, unlike E[x^2] - mean^2 summed in float32). (3) Purely local
+chains (TAESD) fuse into sweeps while the halo stays under a fraction of the tile (``Family.fuse_halo``), which
+keeps recompute small at the cost of storing a few stage outputs.
 
 Public API:
 - ``Tiling(tile_size=512, overlap=64, store="auto")`` (pixels for both directions); ``tile=`` also takes
@@ -42,8 +41,9 @@ from typing import Any
 
 import torch
 
-from . import stream
+from . import ops, registry, stream
 from .errors import VAEError
+from .ops import Chain
 
 STORES = ("auto", "ram", "disk", "device")
 # Auto mode tiles when the untiled estimate exceeds this fraction of free device memory.
@@ -131,11 +131,8 @@ def _image_hw(vae, direction, shape) -> tuple[int, int]:
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        import psutil
-        return psutil.virtual_memory().available
-    except Exception:  # pragma: no cover - psutil is a dependency, this is belt and braces
-        return 8 << 30
+    import psutil
+    return psutil.virtual_memory().available
 
 
 def resolve(vae, fn_name, shape, tile, dtype):
@@ -149,7 +146,7 @@ def resolve(vae, fn_name, shape, tile, dtype):
     if t == "auto":
         need = estimate_memory(vae, direction, hw, None, dtype, batch=batch)
         free = _free_bytes(vae.device)
-        if need <= AUTO_FRACTION * free or stream_program(vae.model, vae.family, direction) is None:
+        if need <= AUTO_FRACTION * free or _half(vae.model, direction) is None:
             return None
         t = Tiling()
         while t.tile_size > 128 and estimate_memory(vae, direction, hw, t, dtype, batch=batch) > AUTO_FRACTION * free:
@@ -158,12 +155,11 @@ def resolve(vae, fn_name, shape, tile, dtype):
     t = Tiling(tile_size, overlap, t.store)
     if hw[0] <= t.tile_size and hw[1] <= t.tile_size:
         return None  # one tile: the untiled run is the same computation
-    head_dim = (getattr(vae.model, "config", None) or {}).get("attention_head_dim")
-    if vae.family == "dc" and head_dim and (hw[0] // vae.downscale) * (hw[1] // vae.downscale) <= head_dim:
-        return None  # DC-AE attends quadratically over <= head_dim tokens: a tiny latent, nothing to gain
-    if stream_program(vae.model, vae.family, direction) is None:
-        raise VAEError(f"tiled {direction} is not available for the {vae.family} family ({vae.variant}); pass "
-                       "tile=False")
+    quirk = registry.get(vae.family).untiled_below
+    if quirk is not None and quirk(vae.model, (hw[0] // vae.downscale, hw[1] // vae.downscale)):
+        return None
+    if _half(vae.model, direction) is None:
+        raise VAEError(f"this {vae.family} VAE ({vae.variant}) has no {direction}r")
     store = t.store
     if store == "auto":
         if vae.device.type == "cuda":
@@ -174,28 +170,34 @@ def resolve(vae, fn_name, shape, tile, dtype):
     return Plan(t, store, hw)
 
 
-def stream_program(model, family, direction, tile_px: int = 512, **kw):
-    from . import stream_programs
-    if family not in stream_programs.BUILDERS:
+def _half(model, direction: str):
+    return getattr(model, "encoder" if direction == "encode" else "decoder", None)
+
+
+def stream_program(model, family: str, direction: str, tile_px: int = 512, conditioned: bool = False):
+    """The model's own description of ``direction`` compiled into sweeps (None when it lacks that half)."""
+    if _half(model, direction) is None:
         return None
-    if getattr(model, "encoder" if direction == "encode" else "decoder", None) is None:
-        return None
-    if family == "dc":
-        kw["tile_px"] = tile_px
-    return stream_programs.build(model, family, direction, **kw)
+    layers = model.describe(direction, conditioned=True) if conditioned else model.describe(direction)
+    f = model.downscale
+    if direction == "encode":
+        src = stream.Buf(model.config.get("in_channels", 3), 1)
+    else:
+        src = stream.Buf(model.latent_channels, f)
+    dst = stream.Buf(Chain(layers).channels(src.channels), f if direction == "encode" else 1)
+    extra = {"masked": stream.Buf(3, 1), "mask": stream.Buf(1, 1)} if conditioned else None
+    return stream.compile(layers, (src, dst), tile_px, registry.get(family).fuse_halo, extra)
 
 
 def run(vae, model, fn_name, x, plan: Plan, progress, should_stop, **kw):
     direction = _direction(fn_name)
-    cond = {}
     inputs = {}
     if direction == "decode" and kw.get("image") is not None and kw.get("mask") is not None:
         image, mask = kw["image"], kw["mask"]
         inputs = {"masked": (1 - mask) * image, "mask": mask}
-        cond = {"image": image, "mask": mask}
     elif kw:
         raise VAEError(f"tiled {direction} got unexpected arguments {sorted(kw)}")
-    program = stream_program(model, vae.family, direction, tile_px=plan.tiling.tile_size, **cond)
+    program = stream_program(model, vae.family, direction, tile_px=plan.tiling.tile_size, conditioned=bool(inputs))
     dtype = x.dtype
     store = stream.Store(plan.store, x.device, dtype, directory=os.environ.get("VAE_CORE_TILE_DIR"))
     runner = stream.Runner(program, plan.image_hw, plan.tiling.tile_size, store, x.device, dtype, progress,
@@ -214,7 +216,7 @@ def _bytes(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: stream.Region, esize: int, batch: int) -> int:
+def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: ops.Region, esize: int, batch: int) -> int:
     """Device bytes one tile of a sweep holds at its peak: the branch's read (held until the branch is done),
     each layer's input and output (plus a copy of the input for a conv that may not overwrite it), and the
     outputs of the branches already done."""
@@ -223,7 +225,7 @@ def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: stream.Region, esize:
         c = runner.p.bufs[name].channels
         n = layer.need(r)
         read = c * n.h * n.w
-        layers = layer.layers if isinstance(layer, stream.Chain) else [layer]
+        layers = layer.layers if isinstance(layer, ops.Chain) else [layer]
         regions = [r]
         for lay in reversed(layers):
             regions.append(lay.need(regions[-1]))
@@ -233,8 +235,8 @@ def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: stream.Region, esize:
             rin, rout = regions[i], regions[i + 1]
             cout = lay.channels(c)
             size_in, size_out = c * rin.h * rin.w, cout * rout.h * rout.w
-            copy = size_in if isinstance(lay, stream.Conv) and not lay.inplace else 0
-            if isinstance(lay, stream.Residual):
+            copy = size_in if isinstance(lay, ops.Conv) and not lay.inplace else 0
+            if isinstance(lay, ops.Residual):
                 copy = 2 * size_out  # its branches' outputs
             branch_peak = max(branch_peak, read + prev + copy + size_out)
             prev, c = size_out, cout
@@ -305,21 +307,15 @@ def estimate_memory(vae, direction: str, image_hw, tiling: Tiling | None, dtype=
 
 
 # ================================================================================================ widget
-_FAMILY_DEFAULT = {"kl": "sd1", "asym": "x-1-5", "dc": None, "tiny": "taesd"}
 _META_MODELS: dict = {}
 
 
 def _meta_model(family: str):
     """A model of the family's default released config on the meta device (shapes only, no memory)."""
     if family not in _META_MODELS:
-        from .loading import family_module
-        mod = family_module(family)
-        variant = _FAMILY_DEFAULT.get(family) or next(iter(getattr(mod, "VARIANTS", {}) or {}), None)
-        if variant is None or not hasattr(mod, "build"):
-            _META_MODELS[family] = None
-        else:
-            with torch.device("meta"):
-                _META_MODELS[family] = mod.build(dict(mod.VARIANTS[variant]))
+        rec = registry.get(family)
+        with torch.device("meta"):
+            _META_MODELS[family] = rec.module.build(dict(rec.variants[rec.default_variant]))
     return _META_MODELS[family]
 
 
@@ -347,8 +343,8 @@ def plan_grid(width: int, height: int, tile_size: int = 512, overlap: int = 64, 
     else:
         tiled = True
     tiled = tiled and not (hw[0] <= t.tile_size and hw[1] <= t.tile_size)
-    spans_y = stream.split(hw[0], t.tile_size) if tiled else [(0, hw[0])]
-    spans_x = stream.split(hw[1], t.tile_size) if tiled else [(0, hw[1])]
+    spans_y = ops.split(hw[0], t.tile_size) if tiled else [(0, hw[0])]
+    spans_x = ops.split(hw[1], t.tile_size) if tiled else [(0, hw[1])]
     tiles = [[x0, y0, min(x1, int(width)), min(y1, int(height))] for y0, y1 in spans_y for x0, x1 in spans_x]
     return {
         "width": int(width), "height": int(height), "tile_size": t.tile_size, "overlap": t.overlap,

@@ -25,15 +25,16 @@ encoder or decoder file (the other half is then None).
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .convert import rename_keys
+from .convert import WeightParts, rename_keys
 from .errors import VAEError
-
-FAMILY = "tiny"
+from .family import Family
+from .ops import Chain, Described, EagerContext, Fn, Norm, Residual, Up, act
 
 DEFAULT_CONFIG: dict[str, Any] = {
     # diffusers AutoencoderTiny fields
@@ -63,7 +64,7 @@ _F32 = {"encoder_stem_channels": [32, 64], "num_encoder_blocks": [1, 3, 3, 3],
         "decoder_block_out_channels": [256, 128, 64, 64, 64], "num_decoder_blocks": [3, 3, 3, 3, 1]}
 
 # Released weights (madebyollin/taesd). scaling/shift are those of the latent space each one was distilled
-# for: ComfyUI's vae_scale/vae_shift table (comfyui-contract.md, "VAELoader, TAESD files").
+# for (the same as ComfyUI's vae_scale/vae_shift for TAESD files).
 VARIANTS: dict[str, dict[str, Any]] = {
     "taesd": {"latent_channels": 4, "scaling_factor": 0.18215, "shift_factor": 0.0},  # SD1.x / SD2
     "taesdxl": {"latent_channels": 4, "scaling_factor": 0.13025, "shift_factor": 0.0},  # SDXL
@@ -74,9 +75,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "taesana": {"latent_channels": 32, "scaling_factor": 0.41407, "shift_factor": 0.0, **_F32},  # DC-AE f32c32
 }
 VARIANT_FACTORS = ("scaling_factor", "shift_factor")
-# diffusers' AutoencoderTiny configs always say scaling 1.0 / shift 0.0 (the nets work on scaled latents); the
-# factors that matter here are the full VAE's, which only the variant knows.
-FOLDER_FACTORS_APPLY = False
 
 CLAMP = 3.0  # the decoder squashes its input into (-3, 3) with 3*tanh(z/3)
 
@@ -88,7 +86,21 @@ def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = True) -> nn.Con
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
 
 
-class AutoencoderTinyBlock(nn.Module):
+class ReLU(Described):
+    def describe(self):
+        return [act("relu")]
+
+
+class Upsample(Described):
+    def __init__(self, factor: int, mode: str):
+        super().__init__()
+        self.factor, self.mode = factor, mode
+
+    def describe(self):
+        return [Up(self.factor, self.mode)]
+
+
+class AutoencoderTinyBlock(Described):
     """Three 3x3 convs with a residual (1x1 conv when the width changes), ReLU after the sum.
 
     ``pool`` (taef2 only): a residual 1x1 -> GroupNorm(4) -> ReLU -> 1x1 applied to the input first.
@@ -96,20 +108,18 @@ class AutoencoderTinyBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, pool: bool = False):
         super().__init__()
-        self.conv = nn.Sequential(conv3x3(c_in, c_out), nn.ReLU(inplace=True), conv3x3(c_out, c_out),
-                                  nn.ReLU(inplace=True), conv3x3(c_out, c_out))
+        self.conv = nn.Sequential(conv3x3(c_in, c_out), ReLU(), conv3x3(c_out, c_out), ReLU(), conv3x3(c_out, c_out))
         self.skip = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
-        self.fuse = nn.ReLU(inplace=True)
         self.pool = nn.Sequential(nn.Conv2d(c_in, 4 * c_in, 1, bias=False), nn.GroupNorm(4, 4 * c_in),
-                                  nn.ReLU(inplace=True), nn.Conv2d(4 * c_in, c_in, 1, bias=False)) if pool else None
+                                  ReLU(), nn.Conv2d(4 * c_in, c_in, 1, bias=False)) if pool else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool is not None:
-            x = x + self.pool(x)
-        return self.fuse(self.conv(x) + self.skip(x))
+    def describe(self):
+        pool = [Residual([self.pool[0], Norm(self.pool[1], "relu"), self.pool[3]])] if self.pool is not None else []
+        skip = [self.skip] if isinstance(self.skip, nn.Conv2d) else []
+        return pool + [Residual([self.conv], skip, post=act("relu"))]
 
 
-class EncoderTiny(nn.Module):
+class EncoderTiny(Described):
     """[-1,1] image -> diffusion-space latent. ``layers`` is one flat Sequential, as in the released files."""
 
     def __init__(self, in_channels: int, latent_channels: int, channels, num_blocks, stem=(), pool: bool = False):
@@ -118,7 +128,7 @@ class EncoderTiny(nn.Module):
         if stem:  # taesana: downscale by 2 per stem conv before the first block
             widths = [in_channels, *stem]
             for a, b in zip(widths, widths[1:]):
-                layers += [conv3x3(a, b, stride=2), nn.ReLU(inplace=True)]
+                layers += [conv3x3(a, b, stride=2), ReLU()]
         last = len(num_blocks) - 1
         for i, (c, n) in enumerate(zip(channels, num_blocks)):
             if i == 0:
@@ -131,30 +141,34 @@ class EncoderTiny(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.downscale = 2 ** (len(stem) + len(num_blocks) - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x.add(1).div(2))  # TAESD works on [0, 1] images
+    def describe(self):
+        return [Fn(lambda x, own: x.add(1).div(2)), self.layers]  # TAESD works on [0, 1] images
 
 
-class DecoderTiny(nn.Module):
-    """Diffusion-space latent -> [-1,1] image (not clamped)."""
+class DecoderTiny(Described):
+    """Diffusion-space latent -> [-1,1] image (not clamped). ``skip_upsamples``: leave out the last upsamplings
+    (a smaller picture for the same cost per pixel: the size-capped previews)."""
 
     def __init__(self, latent_channels: int, out_channels: int, channels, num_blocks, upscale: int = 2,
                  upsample_fn: str = "nearest", pool: bool = False):
         super().__init__()
-        layers: list[nn.Module] = [conv3x3(latent_channels, channels[0]), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [conv3x3(latent_channels, channels[0]), ReLU()]
         last = len(num_blocks) - 1
         for i, (c, n) in enumerate(zip(channels, num_blocks)):
             layers += [AutoencoderTinyBlock(c, c, pool=pool and i == 0) for _ in range(n)]
             if i < last:
-                layers += [nn.Upsample(scale_factor=upscale, mode=upsample_fn), conv3x3(c, channels[i + 1], bias=False)]
+                layers += [Upsample(upscale, upsample_fn), conv3x3(c, channels[i + 1], bias=False)]
             else:
                 layers.append(conv3x3(c, out_channels))
         self.layers = nn.Sequential(*layers)
+        self.upsamples = last
         self.upscale = upscale ** last
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.layers(torch.tanh(z / CLAMP) * CLAMP)
-        return x.mul(2).sub(1)  # [0, 1] -> [-1, 1]
+    def describe(self, skip_upsamples: int = 0):
+        ups = [m for m in self.layers if isinstance(m, Upsample)]
+        dropped = set(map(id, ups[len(ups) - skip_upsamples:])) if skip_upsamples else set()
+        layers = [m for m in self.layers if id(m) not in dropped]
+        return [Fn(lambda z, own: torch.tanh(z / CLAMP) * CLAMP), *layers, Fn(lambda x, own: x.mul(2).sub(1))]
 
 
 class AutoencoderTiny(nn.Module):
@@ -166,9 +180,10 @@ class AutoencoderTiny(nn.Module):
         super().__init__()
         cfg = {**DEFAULT_CONFIG, **config}
         self.config = cfg
-        if cfg["act_fn"] != "relu" or cfg["upsample_fn"] not in ("nearest", "bilinear", "bicubic"):
+        if cfg["act_fn"] != "relu" or cfg["upsample_fn"] not in Up.REACH:
             raise VAEError(f"AutoencoderTiny with act_fn={cfg['act_fn']!r}, upsample_fn={cfg['upsample_fn']!r} is not "
-                           "supported: every released TAESD uses relu and nearest")
+                           f"supported: use act_fn 'relu' and upsample_fn one of {', '.join(Up.REACH)} (every "
+                           "released TAESD uses relu and nearest)")
         pool = bool(cfg["midblock_group_norm"])
         lat = cfg["latent_channels"]
         self.encoder = EncoderTiny(cfg["in_channels"], lat, cfg["encoder_block_out_channels"], cfg["num_encoder_blocks"],
@@ -182,23 +197,20 @@ class AutoencoderTiny(nn.Module):
                            f"{self.decoder.upscale}x: the two halves are from different models")
         self.latent_channels = lat
         self.downscale = self.encoder.downscale if self.encoder is not None else self.decoder.upscale
-        self.latent_magnitude = float(cfg["latent_magnitude"])
-        self.latent_shift = float(cfg["latent_shift"])
+
+    def describe(self, direction: str, skip_upsamples: int = 0):
+        if direction == "encode":
+            return [self.encoder]
+        return self.decoder.describe(skip_upsamples)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.encoder(x), None  # deterministic: no posterior
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
-    # 8-bit latent storage, as TAESD's PNG latents and diffusers' forward() use it
-    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """diffusion-space latent -> [0, 1]"""
-        return z.div(2 * self.latent_magnitude).add(self.latent_shift).clamp(0, 1)
-
-    def unscale_latents(self, u: torch.Tensor) -> torch.Tensor:
-        """[0, 1] -> diffusion-space latent"""
-        return u.sub(self.latent_shift).mul(2 * self.latent_magnitude)
+    def decode(self, z: torch.Tensor, skip_upsamples: int = 0) -> torch.Tensor:
+        """``skip_upsamples``: decode to 1/2**k of the size by leaving out the last k upsamplings (previews)."""
+        if not 0 <= skip_upsamples <= self.decoder.upsamples:
+            raise VAEError(f"this TAESD decoder has {self.decoder.upsamples} upsamplings; cannot skip {skip_upsamples}")
+        return Chain(self.decoder.describe(skip_upsamples)).eager(z, False, EagerContext())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,11 +275,11 @@ def _convert_one(sd: Mapping[str, torch.Tensor], what: str = "the weights") -> T
 
 
 def convert(sd: Mapping[str, Any]) -> TinyWeights:
-    """Any supported TAESD layout (or an encoder/decoder pair of them, ``{"__parts__": [...]}``) -> our names."""
-    if "__parts__" not in sd:
+    """Any supported TAESD layout (or an encoder/decoder pair of them, ``WeightParts``) -> our names."""
+    if not isinstance(sd, WeightParts):
         return _convert_one(sd)
     out = TinyWeights({})
-    for n, part in enumerate(sd["__parts__"], 1):
+    for n, part in enumerate(sd, 1):
         conv = _convert_one(part, f"file {n} of the TAESD pair")
         for half in ("encoder", "decoder"):
             if any(k.startswith(f"{half}.") for k in conv) and any(k.startswith(f"{half}.") for k in out):
@@ -364,3 +376,14 @@ def guess_variant(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], hin
 
 def build(config: Mapping[str, Any]) -> AutoencoderTiny:
     return AutoencoderTiny(config)
+
+
+FAMILY = Family(
+    name="tiny", module=sys.modules[__name__], diffusers_classes=("AutoencoderTiny",), default_variant="taesd",
+    downscale=8, latent_channels=4,
+    # diffusers' AutoencoderTiny configs always say scaling 1.0 / shift 0.0 (the nets work on scaled latents);
+    # the factors that matter are the full VAE's, which only the variant knows
+    folder_factors_apply=False,
+    preview={v: v for v in VARIANTS},
+    latent_formats={"Flux2": "taef2"},  # FLUX.2's own VAE is not a family here: its latents preview with TAEF2
+)

@@ -1,0 +1,693 @@
+"""The layer vocabulary every network in vae_core is described in, and its two ways of running.
+
+A family module builds its ``nn.Module`` tree (names = diffusers' state-dict keys) and each module says what it
+computes with ``describe()``: a list of the ops below, pointing at the module's own parameters. That list is
+the network's only definition:
+
+- ``eager(x, own, ctx)`` runs an op on the whole tensor: the untiled forward (``Described.forward``) is
+  ``Chain(describe()).eager``. ``own`` says the op may overwrite ``x`` (nobody else reads it any more).
+- ``need(r)`` / ``apply(x, have, r, hw_in, ctx)`` run a *local* op on one tile: ``need`` maps an output region to
+  the input region it reads (halos derived from kernels, strides and upsampling), ``apply`` computes the output
+  over ``r`` from an input tensor covering ``have``. ``stream.compile`` turns a description into sweeps of these.
+- Global ops (``Norm``, ``Attention``, ``LinearAttention``, ``Blend``) need the whole feature map; each says how
+  it runs untiled here and how the streaming compiler handles it (``stream.Compiler``), so the two executions of
+  GroupNorm, softmax attention and linear attention live side by side in this file, not in the families.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ================================================================================================ regions
+@dataclass(frozen=True)
+class Region:
+    """A half-open rectangle [y0, y1) x [x0, x1) in one buffer's pixel grid (may extend past its edges)."""
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def h(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def w(self) -> int:
+        return self.x1 - self.x0
+
+    def union(self, o: "Region") -> "Region":
+        return Region(min(self.y0, o.y0), max(self.y1, o.y1), min(self.x0, o.x0), max(self.x1, o.x1))
+
+    def clip(self, hw: tuple[int, int]) -> "Region":
+        return Region(max(self.y0, 0), min(self.y1, hw[0]), max(self.x0, 0), min(self.x1, hw[1]))
+
+    def grow(self, m: int) -> "Region":
+        return Region(self.y0 - m, self.y1 + m, self.x0 - m, self.x1 + m)
+
+    def scale(self, f: int) -> "Region":
+        return Region(self.y0 * f, self.y1 * f, self.x0 * f, self.x1 * f)
+
+    def inside(self, o: "Region") -> bool:
+        return o.y0 <= self.y0 and self.y1 <= o.y1 and o.x0 <= self.x0 and self.x1 <= o.x1
+
+
+def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
+    assert want.inside(have), (want, have)
+    return x[..., want.y0 - have.y0: want.y1 - have.y0, want.x0 - have.x0: want.x1 - have.x0]
+
+
+def zero_outside(x: torch.Tensor, r: Region, hw: tuple[int, int], inplace: bool = False) -> torch.Tensor:
+    """x over region r, with everything outside the buffer [0,h) x [0,w) set to zero (a conv's zero padding)."""
+    v = r.clip(hw)
+    if v == r:
+        return x
+    if v.h <= 0 or v.w <= 0:
+        return x.zero_() if inplace else torch.zeros_like(x)
+    if inplace:
+        x[..., : v.y0 - r.y0, :] = 0
+        x[..., v.y1 - r.y0:, :] = 0
+        x[..., :, : v.x0 - r.x0] = 0
+        x[..., :, v.x1 - r.x0:] = 0
+        return x
+    inner = crop(x, r, v)
+    return F.pad(inner, (v.x0 - r.x0, r.x1 - v.x1, v.y0 - r.y0, r.y1 - v.y1))
+
+
+def split(n: int, t: int) -> list[tuple[int, int]]:
+    """[0, n) into ceil(n/t) nearly equal spans (no sliver tiles)."""
+    k = max(1, -(-n // max(1, t)))
+    cuts = [round(i * n / k) for i in range(k + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(k)]
+
+
+def grid(hw: tuple[int, int], tile: int) -> list[Region]:
+    return [Region(y0, y1, x0, x1) for y0, y1 in split(hw[0], tile) for x0, x1 in split(hw[1], tile)]
+
+
+class EagerContext:
+    """What an untiled run carries besides the tensor: extra inputs (the asymmetric decoder's masked image and
+    mask) and values computed once per run (its condition features)."""
+
+    def __init__(self, inputs: dict | None = None):
+        self.inputs = dict(inputs or {})
+        self.memo: dict = {}
+
+
+# ================================================================================================ local ops
+class Layer:
+    """A local op. ``scale``: output resolution / input resolution."""
+
+    scale = 1.0
+    local = True
+
+    def eager(self, x: torch.Tensor, own: bool, ctx: EagerContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return hw
+
+    def need(self, r: Region) -> Region:
+        return r
+
+    def apply(self, x: torch.Tensor, have: Region, r: Region, hw_in: tuple[int, int], ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def channels(self, c: int) -> int:  # output channels for c input channels (memory estimates)
+        return c
+
+
+def _matmul_1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution as one matrix product (faster than conv2d on CPU)."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    weight = weight.reshape(weight.shape[0], c)
+    if bias is None:
+        out = torch.matmul(weight, flat)
+    elif b == 1:
+        out = torch.addmm(bias.unsqueeze(1), weight, flat[0]).unsqueeze(0)
+    else:
+        out = torch.matmul(weight, flat).add_(bias.unsqueeze(1))
+    return out.view(b, -1, h, w)
+
+
+class Conv(Layer):
+    """An ``nn.Conv2d`` (any kernel/stride/groups). ``pad`` (left, right, top, bottom) replaces the module's
+    symmetric padding (the KL downsampler pads only right and bottom). Tiles do the zero padding themselves at
+    the buffer's edges. ``pre``: a pointwise function the streaming compiler fuses in front (a GroupNorm with
+    known statistics); the zero padding comes after it, as in the untiled network."""
+
+    def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int] | None = None, pre: Callable | None = None,
+                 inplace: bool = False):
+        assert tuple(conv.dilation) == (1, 1)
+        self.m = conv
+        self.k = tuple(conv.kernel_size)
+        self.s = tuple(conv.stride)
+        p = conv.padding
+        self.pad = (p[1], p[1], p[0], p[0]) if pad is None else tuple(pad)
+        self.explicit_pad = pad
+        self.pre = pre
+        # inplace: the tile read is this layer's alone, so ``pre`` and the zero padding may overwrite it
+        self.inplace = inplace
+        self.scale = 1.0 / self.s[0]
+
+    def _pointwise(self) -> bool:
+        return self.k == (1, 1) and self.s == (1, 1) and self.m.groups == 1 and self.pad == (0, 0, 0, 0)
+
+    def eager(self, x, own, ctx):
+        m = self.m
+        if self._pointwise():
+            return _matmul_1x1(x, m.weight, m.bias)
+        if self.explicit_pad is not None:
+            x = F.pad(x, self.explicit_pad)
+            return F.conv2d(x, m.weight, m.bias, m.stride, 0, 1, m.groups)
+        return m(x)
+
+    def size(self, hw):
+        left, right, top, bottom = self.pad
+        return ((hw[0] + top + bottom - self.k[0]) // self.s[0] + 1, (hw[1] + left + right - self.k[1]) // self.s[1] + 1)
+
+    def need(self, r):
+        left, _, top, _ = self.pad
+        return Region(r.y0 * self.s[0] - top, (r.y1 - 1) * self.s[0] - top + self.k[0],
+                      r.x0 * self.s[1] - left, (r.x1 - 1) * self.s[1] - left + self.k[1])
+
+    def apply(self, x, have, r, hw_in, ctx):
+        n = self.need(r)
+        x = crop(x, have, n)
+        if self.pre is not None:
+            x = self.pre(x, ctx, self.inplace)
+        x = zero_outside(x, n, hw_in, inplace=self.inplace or self.pre is not None)
+        m = self.m
+        if self._pointwise():
+            return _matmul_1x1(x, m.weight, m.bias)
+        return F.conv2d(x, m.weight, m.bias, self.s, 0, 1, m.groups)
+
+    def channels(self, c):
+        return self.m.out_channels
+
+
+class Fn(Layer):
+    """A per-pixel function. ``fn(x, own)`` may overwrite x when ``own`` (activations, scalings, channel maps)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, bool], torch.Tensor],
+                 out_channels: Callable[[int], int] | None = None):
+        self.fn = fn
+        self._ch = out_channels
+
+    def eager(self, x, own, ctx):
+        return self.fn(x, own)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return self.fn(crop(x, have, r), False)
+
+    def channels(self, c):
+        return self._ch(c) if self._ch else c
+
+
+def act(name: str | None) -> Fn | None:
+    """An activation by name (None: no activation)."""
+    if name is None:
+        return None
+    if name not in ACTIVATIONS:
+        from .errors import VAEError
+        raise VAEError(f"activation {name!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
+    return Fn(ACTIVATIONS[name])
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, bool], torch.Tensor]] = {
+    "silu": lambda x, own: F.silu(x, inplace=own),
+    "swish": lambda x, own: F.silu(x, inplace=own),
+    "relu": lambda x, own: F.relu(x, inplace=own),
+    "mish": lambda x, own: F.mish(x, inplace=own),
+    "relu6": lambda x, own: F.hardtanh(x, 0.0, 6.0, inplace=own),
+    "gelu": lambda x, own: F.gelu(x),
+}
+
+
+class Module(Fn):
+    """A per-pixel ``nn.Module`` (RMS norm over channels, eval-mode BatchNorm). ``overwrites``: its forward writes
+    into its input, so it gets a copy unless the caller owns the tensor."""
+
+    def __init__(self, module: nn.Module, overwrites: bool = False):
+        self.module = module
+
+        def fn(x, own):
+            return module(x if own or not overwrites else x.clone())
+
+        super().__init__(fn)
+
+
+class Up(Layer):
+    """``F.interpolate(x, scale_factor=f, mode=mode)`` for the 2-D modes torch has (align_corners=False).
+
+    A tile reads the nearest-neighbour footprint plus the interpolation's reach (``REACH``, input pixels); it
+    interpolates the part inside the buffer, so clamping at the real edges is the untiled one."""
+
+    REACH = {"nearest": 0, "nearest-exact": 1, "area": 1, "bilinear": 1, "bicubic": 2}
+
+    def __init__(self, factor: int = 2, mode: str = "nearest"):
+        if mode not in self.REACH:
+            from .errors import VAEError
+            raise VAEError(f"upsampling mode {mode!r} is not supported; use one of {', '.join(self.REACH)}")
+        self.f, self.mode = int(factor), mode
+        self.scale = float(factor)
+
+    def eager(self, x, own, ctx):
+        return F.interpolate(x, scale_factor=float(self.f), mode=self.mode)
+
+    def size(self, hw):
+        return hw[0] * self.f, hw[1] * self.f
+
+    def need(self, r):
+        f = self.f
+        return Region(r.y0 // f, (r.y1 - 1) // f + 1, r.x0 // f, (r.x1 - 1) // f + 1).grow(self.REACH[self.mode])
+
+    def apply(self, x, have, r, hw_in, ctx):
+        v = self.need(r).clip(hw_in)
+        y = F.interpolate(crop(x, have, v), scale_factor=float(self.f), mode=self.mode)
+        got = v.scale(self.f)
+        if r.inside(got):
+            return crop(y, got, r)
+        out = y.new_zeros(y.shape[:2] + (r.h, r.w))  # rows past the buffer's edge: zeroed by the next conv anyway
+        inner = Region(max(r.y0, got.y0), min(r.y1, got.y1), max(r.x0, got.x0), min(r.x1, got.x1))
+        if inner.h > 0 and inner.w > 0:
+            crop(out, r, inner).copy_(crop(y, got, inner))
+        return out
+
+
+class Subsample(Layer):
+    """Nearest-neighbour downsampling by an integer factor (``F.interpolate(size=hw/f, mode='nearest')``)."""
+
+    def __init__(self, factor: int):
+        self.f = factor
+        self.scale = 1.0 / factor
+
+    def eager(self, x, own, ctx):
+        return F.interpolate(x, size=(x.shape[-2] // self.f, x.shape[-1] // self.f), mode="nearest")
+
+    def size(self, hw):
+        return hw[0] // self.f, hw[1] // self.f
+
+    def need(self, r):
+        f = self.f
+        return Region(r.y0 * f, (r.y1 - 1) * f + 1, r.x0 * f, (r.x1 - 1) * f + 1)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return crop(x, have, self.need(r))[..., :: self.f, :: self.f]
+
+
+class PixelShuffle(Layer):
+    """``F.pixel_shuffle(x, f)``: channels to space."""
+
+    def __init__(self, factor: int = 2):
+        self.f = factor
+        self.scale = float(factor)
+
+    def eager(self, x, own, ctx):
+        return F.pixel_shuffle(x, self.f)
+
+    def size(self, hw):
+        return hw[0] * self.f, hw[1] * self.f
+
+    def need(self, r):
+        f = self.f
+        return Region(r.y0 // f, (r.y1 - 1) // f + 1, r.x0 // f, (r.x1 - 1) // f + 1)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        n = self.need(r)
+        return crop(F.pixel_shuffle(crop(x, have, n), self.f), n.scale(self.f), r)
+
+    def channels(self, c):
+        return c // (self.f * self.f)
+
+
+class PixelUnshuffle(Layer):
+    """``F.pixel_unshuffle(x, f)``: space to channels (the buffer's size must be a multiple of f)."""
+
+    def __init__(self, factor: int = 2):
+        self.f = factor
+        self.scale = 1.0 / factor
+
+    def eager(self, x, own, ctx):
+        return F.pixel_unshuffle(x, self.f)
+
+    def size(self, hw):
+        return hw[0] // self.f, hw[1] // self.f
+
+    def need(self, r):
+        return r.scale(self.f)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return F.pixel_unshuffle(crop(x, have, self.need(r)), self.f)
+
+    def channels(self, c):
+        return c * self.f * self.f
+
+
+class UpConv(Layer):
+    """conv3x3(nearest_x2(x)) (padding 1) computed at the low resolution with 2.25x fewer FLOPs.
+
+    Output row 2i+a of the upsampled conv sees input rows (i-1, i) with kernel rows (w0, w1+w2) when a = 0, and
+    rows (i, i+1) with (w0+w1, w2) when a = 1; the same holds for columns. So each of the four output phases
+    (a, b) is a 2x2 conv of the input padded by one, and one conv with 4x the outputs computes all of them."""
+
+    scale = 2.0
+
+    def __init__(self, conv: nn.Conv2d):
+        self.m = conv
+
+    @staticmethod
+    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        def fold(w: torch.Tensor, dim: int) -> torch.Tensor:  # (.., 3, ..) -> (phase, .., 2, ..)
+            w0, w1, w2 = w.unbind(dim)
+            return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
+
+        o = weight.shape[0]
+        k = fold(fold(weight, 2), 4)  # (col phase, row phase, O, I, 2, 2)
+        k = k.transpose(0, 1).reshape(4 * o, *weight.shape[1:2], 2, 2)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, None if bias is None else bias.repeat(4))
+        b, _, h1, w1 = y.shape
+        h, w = h1 - 1, w1 - 1
+        y = y.view(b, 2, 2, o, h1, w1)
+        out = y.new_empty(b, o, h, 2, w, 2)
+        for a in (0, 1):
+            for c in (0, 1):
+                out[:, :, :, a, :, c] = y[:, a, c, :, a:a + h, c:c + w]
+        return out.view(b, o, 2 * h, 2 * w)
+
+    def eager(self, x, own, ctx):
+        return self.run(x, self.m.weight, self.m.bias)
+
+    def size(self, hw):
+        return hw[0] * 2, hw[1] * 2
+
+    def need(self, r):
+        return Region(r.y0 // 2 - 1, (r.y1 - 1) // 2 + 2, r.x0 // 2 - 1, (r.x1 - 1) // 2 + 2)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        n = self.need(r)
+        x = zero_outside(crop(x, have, n), n, hw_in)
+        # run() zero-pads by one: valid inside, and we keep only rows/cols whose inputs are all in n
+        return crop(self.run(x, self.m.weight, self.m.bias), n.scale(2), r)
+
+    def channels(self, c):
+        return self.m.out_channels
+
+
+class Chain(Layer):
+    """Ops one after another."""
+
+    def __init__(self, layers: Sequence):
+        self.layers = _flatten(layers)
+        self.scale = math.prod(layer.scale for layer in self.layers)
+        self.local = all(layer.local for layer in self.layers)
+
+    def eager(self, x, own, ctx):
+        for layer in self.layers:
+            y = layer.eager(x, own, ctx)
+            own = own or y is not x
+            x = y
+        return x
+
+    def size(self, hw):
+        for layer in self.layers:
+            hw = layer.size(hw)
+        return hw
+
+    def need(self, r):
+        for layer in reversed(self.layers):
+            r = layer.need(r)
+        return r
+
+    def apply(self, x, have, r, hw_in, ctx):
+        regions = [r]
+        for layer in reversed(self.layers):
+            regions.append(layer.need(regions[-1]))
+        regions.reverse()  # regions[i] = input region of layer i; regions[-1] = r
+        hw = hw_in
+        for i, layer in enumerate(self.layers):
+            x = layer.apply(x, have, regions[i + 1], hw, ctx)
+            have, hw = regions[i + 1], layer.size(hw)
+        return x if have == r else crop(x, have, r)
+
+    def channels(self, c):
+        for layer in self.layers:
+            c = layer.channels(c)
+        return c
+
+
+def _flatten(items) -> list[Layer]:
+    """Ops, nested Chains, ``Described`` modules (their description), ``nn.Conv2d`` (a ``Conv``) and module
+    containers (their children in order) -> a flat op list. None entries are skipped."""
+    out: list[Layer] = []
+    for item in items:
+        if item is None:
+            continue
+        if type(item) is Chain:
+            out += item.layers
+        elif isinstance(item, Layer):
+            out.append(item)
+        elif isinstance(item, Described):
+            out += _flatten(item.describe())
+        elif isinstance(item, nn.Conv2d):
+            out.append(Conv(item))
+        elif isinstance(item, (nn.Sequential, nn.ModuleList)):
+            out += _flatten(list(item))
+        else:
+            raise TypeError(f"{type(item).__name__} is not a described layer")
+    return out
+
+
+class Residual(Layer):
+    """``post(main(x) + skip(x))`` for two branches from the same input (an empty skip is the identity)."""
+
+    def __init__(self, main: Sequence[Layer], skip: Sequence[Layer] = (), post: Layer | None = None):
+        self.main, self.skip, self.post = Chain(main), Chain(skip), post
+        self.scale = self.main.scale
+        self.local = self.main.local and self.skip.local
+
+    def eager(self, x, own, ctx):
+        y = self.main.eager(x, False, ctx)
+        y = y.add_(self.skip.eager(x, own, ctx))
+        return self.post.eager(y, True, ctx) if self.post is not None else y
+
+    def size(self, hw):
+        return self.main.size(hw)
+
+    def need(self, r):
+        return self.main.need(r).union(self.skip.need(r))
+
+    def apply(self, x, have, r, hw_in, ctx):
+        y = self.main.apply(x, have, r, hw_in, ctx)
+        y = y + self.skip.apply(x, have, r, hw_in, ctx)
+        return self.post.apply(y, r, r, self.size(hw_in), ctx) if self.post is not None else y
+
+    def channels(self, c):
+        return self.main.channels(c)
+
+
+# ================================================================================================ global ops
+class Norm(Layer):
+    """GroupNorm (then an activation): whole-map statistics. Untiled: ``F.group_norm``. Tiled: the compiler
+    stores its input with exact per-channel moments, and the norm becomes a known per-channel affine map
+    (``stream.gn_act``), fused into the next conv."""
+
+    local = False
+
+    def __init__(self, norm: nn.GroupNorm, activation: str | None = None):
+        self.norm, self.act = norm, activation
+        act(activation)  # unknown names are refused when the network is described
+
+    def eager(self, x, own, ctx):
+        y = self.norm(x)
+        return ACTIVATIONS[self.act](y, True) if self.act else y
+
+
+class Attention(Layer):
+    """Single-head softmax attention over every pixel, with its GroupNorm and residual (blocks.Attention).
+
+    Untiled: queries in blocks of ``BLOCK`` against all keys. Tiled: ``stream.Compiler`` writes K and V in one
+    sweep, then streams query tiles against key strips with a running log-sum-exp (``stream.attention_step``)."""
+
+    local = False
+    BLOCK = 4096  # queries per block untiled; tokens per query block and key strip tiled
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn
+
+    def eager(self, x, own, ctx):
+        a = self.attn
+        b, c, h, w = x.shape
+        tokens = a.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (a.to_q, a.to_k, a.to_v))  # (B, 1, HW, C)
+        del tokens
+        n = q.shape[-2]
+        if n <= self.BLOCK:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # each query row is independent: splitting the queries is exact and bounds the score matrix
+            out = torch.empty_like(q)
+            for s in range(0, n, self.BLOCK):
+                out[..., s:s + self.BLOCK, :] = F.scaled_dot_product_attention(q[..., s:s + self.BLOCK, :], k, v)
+        out = a.to_out[0](out.squeeze(1))
+        return out.transpose(1, 2).reshape(b, c, h, w).add_(x)
+
+
+class LinearAttention(Layer):
+    """SANA's multi-scale ReLU linear attention ("LiteMLA") with its norm and residual (dc.MultiscaleLinearAttention).
+
+    q/k/v are the thirds of one fused 1x1 projection. Heads are formed from the concatenation [q, k, v] (and each
+    multiscale aggregate of it) in groups of 3 x head_dim channels: first head_dim channels queries, then keys,
+    then values. Above head_dim tokens: ReLU(q) (V ReLU(K)^T) / (1^T ReLU(K)^T ReLU(q) + eps) in float32;
+    otherwise quadratic. Tiled: the sums ``V K^T`` and ``sum K`` are reduced over all tiles in one sweep
+    (``partial``), then every tile applies them (``apply``, a local op once the sums are known)."""
+
+    local = False
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn
+        self.key: str | None = None  # the compiler's name for the reduced sums
+        self.halo = max((ms.proj_in.kernel_size[0] // 2 for ms in attn.to_qkv_multiscale), default=0)
+
+    def _qkv_weight(self):
+        a = self.attn
+        return torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight])
+
+    def eager(self, x, own, ctx):
+        a = self.attn
+        b, c, h, w = x.shape
+        n, d = h * w, a.head_dim
+        qkv = _matmul_1x1(x, self._qkv_weight(), None)
+        sources = [qkv] + [ms.proj_out(ms.proj_in(qkv)) for ms in a.to_qkv_multiscale]
+        out = x.new_empty(b, c * len(sources), n)
+        for i, src in enumerate(sources):
+            dst = out[:, i * c:(i + 1) * c].view(b, -1, d, n)
+            groups = src.view(b, -1, 3 * d, n)
+            if n > d:
+                groups = groups.float()  # no copy in float32; the linear attention always runs in float32
+                groups[:, :, : 2 * d].relu_()  # q and k; v stays as is
+                q, k, v = groups[:, :, :d], groups[:, :, d: 2 * d], groups[:, :, 2 * d:]
+                kt = k.transpose(-1, -2)
+                # rows 0..d-1: V K^T; row d: the sum of the keys (the "row of ones" appended to V)
+                vk = torch.cat([torch.matmul(v, kt), kt.sum(-2, keepdim=True)], dim=2)
+                num_den = torch.matmul(vk, q)
+                torch.div(num_den[:, :, :d], num_den[:, :, d:].add(a.eps), out=dst)
+            else:
+                groups[:, :, : 2 * d].relu_()
+                q, k, v = groups[:, :, :d], groups[:, :, d: 2 * d], groups[:, :, 2 * d:]
+                scores = torch.matmul(k.transpose(-1, -2), q).float()
+                scores = scores / (scores.sum(dim=2, keepdim=True) + a.eps)
+                dst.copy_(torch.matmul(v, scores.to(v.dtype)))
+        y = _matmul_1x1(out.view(b, -1, h, w), a.to_out.weight, None)
+        return a.norm_out(y).add_(x)
+
+    # ---- tiled
+    def need(self, r):
+        return r.grow(self.halo)
+
+    def _sources(self, x, have, r, hw_in):
+        """[qkv, multiscale(qkv)...] over r, each (B, heads, 3d, n), float32."""
+        a = self.attn
+        n = self.need(r)
+        x = crop(x, have, n)
+        qkv = _matmul_1x1(x, self._qkv_weight(), None)
+        out = [crop(qkv, n, r)]
+        if a.to_qkv_multiscale:
+            qz = zero_outside(qkv, n, hw_in)
+            for ms in a.to_qkv_multiscale:
+                k = ms.proj_in.kernel_size[0] // 2
+                t = crop(qz, n, r.grow(k))
+                t = F.conv2d(t, ms.proj_in.weight, None, 1, 0, 1, ms.proj_in.groups)
+                out.append(F.conv2d(t, ms.proj_out.weight, None, 1, 0, 1, ms.proj_out.groups))
+        b, d = x.shape[0], a.head_dim
+        return [t.reshape(b, -1, 3 * d, r.h * r.w).float() for t in out]
+
+    def partial(self, x, have, r, hw_in) -> torch.Tensor:
+        """This tile's share of the sums: (B, sources, heads, d+1, d) float64: rows 0..d-1 V K^T, row d sum K."""
+        d = self.attn.head_dim
+        parts = []
+        for g in self._sources(x, have, r, hw_in):
+            k = g[:, :, d:2 * d].relu()
+            kt = k.transpose(-1, -2)
+            parts.append(torch.cat([torch.matmul(g[:, :, 2 * d:], kt), kt.sum(-2, keepdim=True)], dim=2))
+        return torch.stack(parts, 1).double()
+
+    def apply(self, x, have, r, hw_in, ctx):
+        a = self.attn
+        d = a.head_dim
+        vk = ctx.sums[self.key].float()
+        outs = []
+        for i, g in enumerate(self._sources(x, have, r, hw_in)):
+            num_den = torch.matmul(vk[:, i], g[:, :, :d].relu())
+            outs.append(num_den[:, :, :d] / (num_den[:, :, d:] + a.eps))
+        b = x.shape[0]
+        o = torch.cat([t.reshape(b, -1, r.h * r.w) for t in outs], 1).to(x.dtype).view(b, -1, r.h, r.w)
+        y = a.norm_out(_matmul_1x1(o, a.to_out.weight, None))
+        return y + crop(x, have, r)
+
+
+class Blend(Layer):
+    """The asymmetric decoder's condition: ``x * mask + feature * (1 - mask)``, where ``feature`` is the output of
+    the condition encoder (convs with ReLU between them, over the masked image) whose shape is x's, and the mask
+    is resized (nearest) to x's size. Untiled: the features are computed once per run. Tiled: a sweep with
+    three branches recomputes the (local) feature chain per tile from the stored masked image."""
+
+    local = False
+
+    def __init__(self, condition_convs: Sequence[nn.Conv2d]):
+        self.convs = list(condition_convs)
+
+    def features(self, masked: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
+        out, x = {}, masked
+        for i, conv in enumerate(self.convs):
+            x = conv(x if i == 0 else F.relu(x))
+            out[tuple(x.shape[1:])] = x
+        return out
+
+    def eager(self, x, own, ctx):
+        from .errors import VAEError
+        key = id(self)
+        if key not in ctx.memo:
+            ctx.memo[key] = self.features(ctx.inputs["masked"])
+        feature = ctx.memo[key].get(tuple(x.shape[1:]))
+        if feature is None:
+            raise VAEError(f"the condition encoder has no feature of shape {list(x.shape[1:])} for this decoder "
+                           f"(it has {sorted(ctx.memo[key])}): the weights' decoder and condition encoder do not fit")
+        mask = ctx.inputs["mask"]
+        if mask.shape[-2:] != x.shape[-2:]:
+            mask = F.interpolate(mask, size=x.shape[-2:], mode="nearest")
+        return x * mask + feature * (1 - mask)
+
+    def chains(self) -> dict[tuple[int, int], Chain]:
+        """(channels, downscale) of each condition feature -> the local chain computing it from the masked image
+        (the same shape twice: the later one wins, as in ``features``)."""
+        out, layers, d = {}, [], 1
+        for i, conv in enumerate(self.convs):
+            if i:
+                layers.append(act("relu"))
+            layers.append(Conv(conv))
+            d *= conv.stride[0]
+            out[(conv.out_channels, d)] = Chain(list(layers))
+        return out
+
+
+# ================================================================================================ modules
+class Described(nn.Module):
+    """An ``nn.Module`` whose computation is its ``describe()``: the untiled forward runs that description."""
+
+    def describe(self) -> list[Layer]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Chain(self.describe()).eager(x, False, EagerContext())
+
+
+def halo(chain: Chain, tile: int) -> int:
+    """Extra pixels per side (at the chain's output resolution) a ``tile``-sized output reads."""
+    r = Region(0, tile, 0, tile)
+    return max(0, round(r.y0 - chain.need(r).y0 * chain.scale))
