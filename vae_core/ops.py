@@ -432,7 +432,10 @@ class Chain(Layer):
         regions.reverse()  # regions[i] = input region of layer i; regions[-1] = r
         hw = hw_in
         for i, layer in enumerate(self.layers):
-            x = layer.apply(x, have, regions[i + 1], hw, ctx)
+            if i and isinstance(layer, Fn) and have == regions[i + 1] and not isinstance(self.layers[i - 1], Subsample):
+                x = layer.fn(x, True)  # the previous layer's output is this chain's own: work in place
+            else:
+                x = layer.apply(x, have, regions[i + 1], hw, ctx)
             have, hw = regions[i + 1], layer.size(hw)
         return x if have == r else crop(x, have, r)
 
@@ -484,9 +487,9 @@ class Residual(Layer):
         return self.main.need(r).union(self.skip.need(r))
 
     def apply(self, x, have, r, hw_in, ctx):
-        y = self.main.apply(x, have, r, hw_in, ctx)
-        y = y + self.skip.apply(x, have, r, hw_in, ctx)
-        return self.post.apply(y, r, r, self.size(hw_in), ctx) if self.post is not None else y
+        y = self.main.apply(x, have, r, hw_in, ctx)  # a new tensor: the sum and ``post`` may work in place
+        y = y.add_(self.skip.apply(x, have, r, hw_in, ctx)) if self.main.layers else y + crop(x, have, r)
+        return self.post.eager(y, True, ctx) if self.post is not None else y
 
     def channels(self, c):
         return self.main.channels(c)

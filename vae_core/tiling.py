@@ -216,33 +216,71 @@ def _bytes(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: ops.Region, esize: int, batch: int) -> int:
-    """Device bytes one tile of a sweep holds at its peak: the branch's read (held until the branch is done),
-    each layer's input and output (plus a copy of the input for a conv that may not overwrite it), and the
-    outputs of the branches already done."""
+def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False) -> tuple[int, tuple[int, int], int]:
+    """Run a description on shapes only, as ``Layer.eager`` runs it on tensors -> (channels out, size out, peak
+    elements the op allocates at once, its output included; its input is the caller's).
+
+    Chains free each intermediate once the next exists; a residual holds its main branch's output while the skip
+    runs; ops that may overwrite an owned input allocate nothing then."""
+    def n(ch, s):
+        return ch * s[0] * s[1]
+
+    if isinstance(layer, ops.Chain):
+        peak, held = 0, 0
+        for i, sub in enumerate(layer.layers):
+            c, hw_out, p = eager_peak(sub, c, hw, own or i > 0)
+            peak, held, hw = max(peak, held + p), n(c, hw_out), hw_out
+        return c, hw, peak
+    if isinstance(layer, ops.Residual):
+        c2, hw2, peak = eager_peak(layer.main, c, hw)
+        if layer.skip.layers:
+            peak = max(peak, n(c2, hw2) + eager_peak(layer.skip, c, hw, own)[2])
+        return c2, hw2, peak
+    if isinstance(layer, ops.Attention):  # tokens, q, k, v, out, a transposed copy, and one score block
+        tokens = hw[0] * hw[1]
+        return c, hw, 6 * tokens * c + min(tokens, ops.Attention.BLOCK) * tokens
+    if isinstance(layer, ops.LinearAttention):  # qkv, per multiscale kernel two 3C maps, the heads' output, y
+        k = len(layer.attn.to_qkv_multiscale)
+        return c, hw, n(c, hw) * (3 + 6 * k + (1 + k) + 2)
+    if isinstance(layer, ops.Blend):  # x * m, feature * (1 - m), their sum
+        return c, hw, 3 * n(c, hw)
+    c2, hw2 = layer.channels(c), layer.size(hw)
+    if isinstance(layer, ops.Conv):
+        return c2, hw2, n(c2, hw2) + (n(c, (hw[0] + 1, hw[1] + 1)) if layer.explicit_pad else 0)
+    if isinstance(layer, ops.UpConv):  # the four phases, then their interleaving
+        return c2, hw2, 2 * n(c2, hw2)
+    if isinstance(layer, ops.Module):  # a per-pixel norm: a squared copy (and a clone when it may not overwrite)
+        return c2, hw2, n(c2, hw2) * (1 if own else 2)
+    if isinstance(layer, ops.Fn) and not isinstance(layer, stream.Affine):
+        return c2, hw2, 0 if own and c2 <= c else n(c2, hw2)
+    return c2, hw2, n(c2, hw2)  # Norm, Up, pixel (un)shuffles, subsampling, per-tile forms: a new map
+
+
+# The process's memory over a run's tensors, measured on CPU (bench/bench_estimate.py: every family, both
+# directions, two sizes each, untiled and tiled): oneDNN's layout reorders of conv inputs and outputs add about a
+# third to the tensors a run holds (more for tiles: many medium-sized blocks the allocator keeps), and by a
+# decoder's peak, at its last layers, reorder buffers about a quarter of its conv weights' size are held too.
+CPU_FACTOR = 1.3
+CPU_TILE_FACTOR = 1.8
+CPU_DECODER_WEIGHTS = 0.25
+
+
+def _conv_weight_elements(module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: ops.Region, batch: int) -> int:
+    """Elements one tile of a sweep holds at its peak: each branch's read and its layers run on it (as the
+    untiled forward would, ``eager_peak``), plus the outputs of the branches already done."""
     done, peak = 0, 0
     for name, layer in s.branches:
         c = runner.p.bufs[name].channels
         n = layer.need(r)
         read = c * n.h * n.w
-        layers = layer.layers if isinstance(layer, ops.Chain) else [layer]
-        regions = [r]
-        for lay in reversed(layers):
-            regions.append(lay.need(regions[-1]))
-        regions.reverse()
-        prev, branch_peak = 0, read
-        for i, lay in enumerate(layers):
-            rin, rout = regions[i], regions[i + 1]
-            cout = lay.channels(c)
-            size_in, size_out = c * rin.h * rin.w, cout * rout.h * rout.w
-            copy = size_in if isinstance(lay, ops.Conv) and not lay.inplace else 0
-            if isinstance(lay, ops.Residual):
-                copy = 2 * size_out  # its branches' outputs
-            branch_peak = max(branch_peak, read + prev + copy + size_out)
-            prev, c = size_out, cout
-        peak = max(peak, done + branch_peak)
-        done += c * r.h * r.w
-    return peak * esize * batch
+        c_out, _, p = eager_peak(layer, c, (n.h, n.w), own=True)
+        peak = max(peak, done + read + p)
+        done += c_out * r.h * r.w
+    return peak * batch
 
 
 def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtype=torch.float32, batch: int = 1,
@@ -250,9 +288,9 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
     """Memory of a run: {'device_bytes', 'store_bytes', 'work_bytes', 'tiles'}.
 
     device_bytes is what the compute device holds at its peak (the number auto mode compares with free
-    memory): untiled, every activation the network holds at once plus the working set of its biggest layer;
-    tiled, one tile's working set (plus the stored activations only for store='device'). Weights and the
-    input/output tensors are not counted. A model, not a measurement: bench/bench_tiled.py checks it.
+    memory): untiled, the network's description run on shapes (``eager_peak``); tiled, one tile's working set
+    (plus the stored activations only for store='device'). The weights and the input are not counted. A model,
+    not a measurement: bench/bench_estimate.py checks it against measured peaks.
     """
     model = getattr(vae_or_model, "model", vae_or_model)
     family = family or getattr(vae_or_model, "family", None)
@@ -277,7 +315,7 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
             store_peak = max(store_peak, live)
             tiles = runner.tiles(s.out)
             biggest = max(tiles, key=lambda r: r.h * r.w)
-            work_peak = max(work_peak, _sweep_work(runner, s, biggest, es, batch))
+            work_peak = max(work_peak, _sweep_work(runner, s, biggest, batch) * es)
         elif isinstance(s, stream.Custom):
             for name, buf in s.allocs:
                 if s.inplace is not None:
@@ -291,12 +329,18 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
         elif isinstance(s, stream.Free):
             for n in s.names:
                 live -= sizes.pop(n, 0)
-    store_kind = tiling.store if tiled else "device"
-    # calibration against bench/bench_tiled.py (SD1 decoder, 1024^2, CPU, fp32): the model said 768 MiB tiled
-    # and 5120 MiB untiled where the process's RSS rose by 1114 MiB and 4048 MiB (allocator slack, host copies)
-    work_peak *= 1.45 if tiled else 0.8
-    store_dev = store_peak * (1.0 if tiled else 0.8)
-    device = work_peak + (store_dev if (not tiled or store_kind == "device") else 0)
+    cpu = getattr(getattr(vae_or_model, "device", None), "type", "cpu") == "cpu"
+    if not tiled:  # the untiled forward: its description run on shapes
+        f = model.downscale
+        c, hw_in = (model.latent_channels, (hw[0] // f, hw[1] // f)) if direction == "decode" else (3, hw)
+        work_peak = eager_peak(ops.Chain(model.describe(direction)), c, hw_in)[2] * batch * es
+    device = work_peak
+    if cpu:
+        device = work_peak * (CPU_TILE_FACTOR if tiled else CPU_FACTOR)
+        if direction == "decode":
+            device += CPU_DECODER_WEIGHTS * _conv_weight_elements(_half(model, direction)) * es
+    if tiled and tiling.store == "device":
+        device += store_peak
     return {"device_bytes": int(device), "store_bytes": int(store_peak), "work_bytes": int(work_peak),
             "tiles": runner.total}
 
