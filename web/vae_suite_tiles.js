@@ -442,6 +442,19 @@ function addTileWidget(node, direction) {
 
 app.registerExtension({
   name: EXT_NAME,
+  async addCustomNodeDefs(defs) {
+    // search aliases ("tiled vae", "taesd", "inpaint vae", ...) declared on the Python classes; frontends that
+    // search them read `search_aliases` of the node definition, which this server does not send itself
+    try {
+      const r = await api.fetchApi("/vae_suite/search_aliases");
+      if (!r.ok) return;
+      for (const [id, aliases] of Object.entries(await r.json())) {
+        if (defs[id] && aliases.length) defs[id].search_aliases ??= aliases;
+      }
+    } catch {
+      // no aliases: the nodes are still found by name
+    }
+  },
   nodeCreated(node) {
     const direction = TARGETS[node.comfyClass ?? node.constructor?.comfyClass];
     if (!direction || widgetOf(node, WIDGET_NAME)) return;

@@ -181,6 +181,8 @@ async function runRenderer(browser, renderer, index) {
 
   // the widget shows the linked latent's tile grid, as the route plans it
   let s = await until(page, id, (x) => x.tiles === 6);
+  await page.waitForFunction((nid) => window.app.graph.getNodeById(nid).widgets
+    .find((x) => x.name === "vae_suite_tiles").getState().server, id, { timeout: 15000 }).catch(() => null);
   const st = await page.evaluate((nid) => {
     const w = window.app.graph.getNodeById(nid).widgets.find((x) => x.name === "vae_suite_tiles");
     const g = w.getState();
@@ -221,10 +223,10 @@ async function runRenderer(browser, renderer, index) {
   c("overlap_arrow_redraws", s?.pressed.length === 0 && s.fix === null, s);
 
   // a value that does not fit: shown, fixed by a click on the fix line, and the fix stays fixed
-  await typeValue(page, id, "overlap", 500);
-  const typed = (await values(page, id)).overlap; // what the input kept (it may round to its step)
+  await typeValue(page, id, "overlap", 496); // on the input's step of 16, as its editor allows
+  const typed = (await values(page, id)).overlap;
   s = await until(page, id, (x) => x.fix !== null);
-  c("bad_overlap_shown", typed > 368 && s?.fix?.includes(`overlap ${typed} → 368 (< tile/2)`), { typed, s });
+  c("bad_overlap_shown", typed === 496 && s?.fix?.includes(`overlap ${typed} → 368 (< tile/2)`), { typed, s });
   await nodeShot(page, renderer, id, join(ARTIFACTS, `widget_${FRONTEND}_${renderer}_fix.png`));
   await page.locator(`${widgetSel(id)} button.vst-fix`).click();
   await page.waitForTimeout(600);
