@@ -58,7 +58,7 @@ def test_offline_start_says_so_once_uses_standins_and_keeps_the_database_in_the_
     r = run_start(base, env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = (r.stdout + r.stderr).splitlines()
-    offline = [ln for ln in lines if "offline" in ln.lower()]
+    offline = [ln for ln in lines if ln.startswith("VAE Suite: offline")]
     assert len(offline) == 1 and "stand-ins" in offline[0] and str(base / "models") in offline[0], offline
     assert not any("Retrying" in ln or "Traceback" in ln for ln in lines), r.stderr[-3000:]
     recorded = set((base / "models" / ".vae_suite_standins").read_text().split())
@@ -123,7 +123,7 @@ def test_online_start_links_the_real_files_from_the_hub_cache(tmp_path):
     assert run_start(base, {"HF_HUB_CACHE": str(tmp_path / "empty")}).returncode == 0  # offline first: stand-ins
     r = run_start(base, {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "offline" not in (r.stdout + r.stderr).lower(), r.stderr[-3000:]
+    assert "VAE Suite: offline" not in r.stdout + r.stderr, r.stderr[-3000:]
     models = base / "models"
     sd = models / "vae" / make_demo_models.SD_VAE
     assert sd.is_symlink() and sd.resolve().parent.name == "blobs"

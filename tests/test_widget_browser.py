@@ -92,6 +92,18 @@ def test_tile_widget_in_browser(frontend, request):
         import comfyui_frontend_package  # the host's own frontend
         assert (Path(comfyui_frontend_package.__file__).parent / "static" / "index.html").read_text() == served
 
+    # help pages where the frontend's node help looks, the zh locale, the search aliases
+    for node in ("VAESuiteLoader", "VAESuiteEncode", "VAESuiteDecodeTiled", "VAESuiteAsymInpaintDecode",
+                 "VAESuiteTAESDPreview"):
+        page = host.get(f"/extensions/comfyui-vae-suite/docs/{node}.md")
+        assert page.status_code == 200 and "## Inputs" in page.text and "## Example" in page.text, node
+    zh = host.get("/i18n").json()["zh"]["nodeDefs"]
+    assert zh["VAESuiteDecodeTiled"]["display_name"] == "VAE分块解码（VAE Suite）"
+    assert zh["VAESuiteEncode"]["inputs"]["tile_size"]["tooltip"]
+    aliases = host.get("/vae_suite/search_aliases").json()
+    assert "tiled vae" in aliases["VAESuiteDecodeTiled"] and "taesd" in aliases["VAESuiteTAESDPreview"]
+    assert "inpaint vae" in aliases["VAESuiteAsymInpaintDecode"]
+
     ARTIFACTS.mkdir(exist_ok=True)
     env = {**os.environ, "COMFY_URL": host.url, "VAE_NAME": VAE_FILE, "ARTIFACTS": str(ARTIFACTS),
            "CHROMIUM": str(CHROMIUM), "FRONTEND": frontend, "RENDERERS": "classic,vue"}
@@ -105,7 +117,7 @@ def test_tile_widget_in_browser(frontend, request):
     assert proc.returncode == 0 and not failed and "crash" not in facts, (
         f"rc {proc.returncode}; failed checks: {json.dumps(failed, indent=1)[:4000]}\n"
         f"crash: {facts.get('crash')}\nstderr: {proc.stderr[-3000:]}")
-    per_renderer = {"renderer_is_active", "widget_shows_linked_grid", "grid_is_the_routes_plan",
+    per_renderer = {"renderer_is_active", "search_aliases_reach_frontend", "widget_shows_linked_grid", "grid_is_the_routes_plan",
                     "unlinked_shows_size_unknown", "relinked_shows_grid", "upstream_size_change_redraws",
                     "preset_768_click_sets_inputs", "preset_768_shown", "overlap_arrow_steps_value",
                     "overlap_arrow_redraws", "bad_overlap_shown", "fix_line_click_fixes", "fix_does_not_loop",

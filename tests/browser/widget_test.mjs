@@ -176,6 +176,9 @@ async function runRenderer(browser, renderer, index) {
   const id = ids.dec;
   // a different batch per renderer, so the second prompt is not answered from the server's cache
   await typeValue(page, ids.latent, "batch_size", index + 1);
+  const aliases = await page.evaluate(() => window.LiteGraph.registered_node_types.VAESuiteDecodeTiled?.nodeData
+    ?.search_aliases ?? null);
+  c("search_aliases_reach_frontend", Array.isArray(aliases) && aliases.includes("tiled vae"), aliases);
   c("renderer_is_active", renderer === "vue" ? await page.locator(`[data-node-id="${id}"]`).count() === 1
     : !(await page.locator(`[data-node-id="${id}"]`).count()), { vueOn });
 
