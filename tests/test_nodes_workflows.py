@@ -183,3 +183,28 @@ def test_run_workflow_script(example_models):
                        capture_output=True, text=True, timeout=320)
     assert r.returncode == 0, r.stderr
     assert "/view?filename=" in r.stdout and "type=output" in r.stdout
+
+
+def test_all_five_nodes_are_in_vae_suite_documented_and_translated(comfy_host):
+    """One category and "(VAE Suite)" names for all five; every input and output has a tooltip, a help page and a
+    zh-CN name and tooltip; the registry icon the pyproject points at is shipped."""
+    import tomllib
+
+    info = comfy_host.object_info()
+    zh = json.loads((ROOT / "locales" / "zh" / "nodeDefs.json").read_text())
+    for node in OURS:
+        d = info[node]
+        assert d["category"] == "VAE Suite" and d["display_name"].endswith("(VAE Suite)"), (node, d["category"])
+        assert d.get("output_tooltips") and all(d["output_tooltips"]), node
+        page = (ROOT / "web" / "docs" / f"{node}.md").read_text()
+        assert page.startswith(f"# {d['display_name']}") and "## Inputs" in page and "## Example" in page, node
+        assert zh[node]["display_name"].endswith("（VAE Suite）") and zh[node]["description"], node
+        for section in ("required", "optional"):
+            for name, spec in d["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+                assert name in page, f"{node} help page lacks {name}"
+                assert zh[node]["inputs"][name]["name"] and zh[node]["inputs"][name]["tooltip"], (node, name)
+        assert zh[node]["outputs"]["0"]["tooltip"], node
+    assert info["VAESuiteTAESDPreview"]["display_name"] == "TAESD Preview (VAE Suite)"
+    icon = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["Icon"]
+    assert icon.endswith("/web/icon.svg") and (ROOT / "web" / "icon.svg").read_text().startswith("<svg")
