@@ -15,7 +15,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "VAESuiteEncode": "VAE Encode (VAE Suite)",
     "VAESuiteDecodeTiled": "VAE Decode Tiled (VAE Suite)",
     "VAESuiteAsymInpaintDecode": "Asym Inpaint Decode (VAE Suite)",
-    "VAESuiteTAESDPreview": "TAESD Preview",
+    "VAESuiteTAESDPreview": "TAESD Preview (VAE Suite)",
 }
 
 try:  # the HTTP route for the tile-settings widget; needs the running server

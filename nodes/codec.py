@@ -40,6 +40,7 @@ class VAESuiteEncode:
                    "sample, tiled when the image is large. An optional MASK becomes the latent's noise_mask (for "
                    "inpainting with a sampler). Sizes that are not a multiple of the VAE's downscale are padded.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["vae encode", "tiled vae encode", "encode tiled", "image to latent", "inpaint encode"]
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Raw VAE-space latent (as core VAE Encode gives), with noise_mask when a mask is given.",)
     FUNCTION = "encode"
@@ -92,6 +93,8 @@ class VAESuiteDecodeTiled:
                    "shift) while memory stays bounded by the tile. The progress bar advances per tile and Cancel "
                    "stops within one tile.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["tiled vae", "vae decode tiled", "tiled decode", "seamless tiled vae", "latent to image",
+                      "low memory vae"]
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The decoded image(s).",)
     FUNCTION = "decode"
@@ -119,6 +122,7 @@ class VAESuiteAsymInpaintDecode:
                    "original image outside the mask, so unmasked pixels keep their detail and colour. MASK follows "
                    "ComfyUI's convention (1 = inpainted region).")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["inpaint vae", "asymmetric vae", "inpaint decode", "asymmetric autoencoder"]
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The decoded image(s).",)
     FUNCTION = "decode"

@@ -128,6 +128,8 @@ class VAESuiteLoader:
                    "VAE, DC-AE, TAESD/TAEF1/TAEF2) from models/vae, models/vae_approx or the Hugging Face Hub. The "
                    "output is an ordinary VAE: it works in the core VAE Decode/Encode/Tiled/Inpaint nodes too.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["vae loader", "load vae", "taesd", "dc-ae", "sana vae", "flux vae", "sdxl vae",
+                      "asymmetric vae", "huggingface vae"]
     RETURN_TYPES = ("VAE",)
     OUTPUT_TOOLTIPS = ("A ComfyUI VAE backed by the VAE Suite engine.",)
     FUNCTION = "load"

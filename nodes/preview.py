@@ -187,15 +187,17 @@ class TAESDPreview:
                    "model, whatever --preview-method the server runs. The TAESD variant follows the model "
                    "(SD1.x, SDXL, SD3, FLUX.1, FLUX.2); weights come from models/vae_approx "
                    "(<variant>_decoder.pth/.safetensors) or the Hugging Face Hub when online.")
-    CATEGORY = "latent/vae suite"
+    CATEGORY = "VAE Suite"
+    SEARCH_ALIASES = ["taesd", "taesd preview", "live preview", "preview sampling", "taef1", "taef2", "taesdxl"]
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A copy of the model with live previews: connect it to the sampler.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
+                "model": ("MODEL", {"tooltip": "The model whose sampling to preview."}),
                 "max_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
                                      "tooltip": "Longest side of the preview in pixels. For bigger images the "
                                                 "TAESD decoder skips its last upsamplings (a 1024 px image costs "
@@ -221,4 +223,4 @@ class TAESDPreview:
 
 
 NODE_CLASS_MAPPINGS = {NODE_ID: TAESDPreview}
-NODE_DISPLAY_NAME_MAPPINGS = {NODE_ID: "TAESD Preview"}
+NODE_DISPLAY_NAME_MAPPINGS = {NODE_ID: "TAESD Preview (VAE Suite)"}

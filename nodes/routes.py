@@ -81,3 +81,12 @@ async def _tile_plan(request):
         return web.json_response(tile_plan(request.rel_url.query))
     except ValueError as e:  # VAEError is a ValueError too
         return web.json_response({"error": str(e)}, status=400)
+
+
+@PromptServer.instance.routes.get("/vae_suite/search_aliases")
+async def _search_aliases(request):
+    """{node id: [alias, ...]} from each node's SEARCH_ALIASES, for the node search of frontends whose server
+    does not send them in /object_info."""
+    from . import NODE_CLASS_MAPPINGS
+
+    return web.json_response({k: list(getattr(c, "SEARCH_ALIASES", [])) for k, c in NODE_CLASS_MAPPINGS.items()})

@@ -1,15 +1,22 @@
-"""Stand-in model files for the main job, under the names the example workflows use.
-
-The main job (scripts/start.sh) runs in its own base folder (.cache/comfy-base), never in a user's ComfyUI.
-No VAE weights can be downloaded on a fresh machine here, so this writes seeded random-weight VAEs built with
-vae_core under the example workflows' file names, plus the two input images, so every example runs at once.
-Random weights give noisy pictures: drop real files with the same names into that folder for real ones.
-Existing files are never overwritten.
+"""The model files the example workflows use, for the main job's base folder (scripts/start.sh).
 
     python scripts/make_demo_models.py <base>/models
+
+1. Real weights through huggingface_hub (with its progress bars): the TAESD family (taesd, taesdxl, taesd3, taef1
+   as diffusers folders in models/vae/) and the SD VAE (vae-ft-mse-840000-ema-pruned.safetensors). Files come
+   from the Hub, or from huggingface_hub's local cache when HF_HUB_OFFLINE=1, and are linked into the model
+   folders. When the Hub cannot be reached this says so in one line and goes on with step 2.
+2. Seeded random-weight stand-ins under the examples' names for whatever is still missing (they draw noise:
+   each stand-in example says so in a Note), the demo UNet the TAESD Preview example samples on the CPU, and
+   the two input images. A stand-in is recorded in models/.vae_suite_standins and replaced by the real file
+   as soon as one can be fetched; files put there by hand are never touched.
+
+Never writes outside the given folder.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,12 +27,25 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from vae_core import asym, kl  # noqa: E402
+from preview_models import sd15_unet_state_dict  # noqa: E402
+from vae_core import asym, kl, tiny  # noqa: E402
 
-KL_DEMO = {**kl.DEFAULT_CONFIG, "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1}
+SD_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
+TAESD_FAMILY = ("taesd", "taesdxl", "taesd3", "taef1")
+# (Hub repo, file in it, destination under models/)
+FETCH = [("stabilityai/sd-vae-ft-mse-original", SD_VAE, f"vae/{SD_VAE}")] + [
+    (f"madebyollin/{name}", f, f"vae/{name}/{f}") for name in TAESD_FAMILY
+    for f in ("config.json", "diffusion_pytorch_model.safetensors")]
+DEMO_UNET = "diffusion_models/vae_suite_demo_unet.safetensors"
+
 KL_CORE_SHAPED = {**kl.DEFAULT_CONFIG, **kl.VARIANTS["sd1"]}  # the layout core VAELoader builds
 ASYM_DEMO = {**asym.DEFAULT_CONFIG, "down_block_out_channels": [32, 32, 64, 64], "up_block_out_channels": [32, 64, 64, 64]}
+DIFFUSERS_TINY_FIELDS = ("in_channels", "out_channels", "encoder_block_out_channels", "decoder_block_out_channels",
+                         "num_encoder_blocks", "num_decoder_blocks", "latent_channels", "upsampling_scaling_factor",
+                         "act_fn", "upsample_fn", "latent_magnitude", "latent_shift", "force_upcast", "scaling_factor",
+                         "shift_factor")
 
 
 def weights(module: torch.nn.Module, seed: int, dtype=torch.float32) -> dict:
@@ -37,29 +57,108 @@ def weights(module: torch.nn.Module, seed: int, dtype=torch.float32) -> dict:
     return {k: v.to(dtype).contiguous() for k, v in module.state_dict().items()}
 
 
-def main(models: Path, inputs: Path) -> None:
-    vae = models / "vae"
-    vae.mkdir(parents=True, exist_ok=True)
+class Standins:
+    """models/.vae_suite_standins: the files this script wrote with random weights."""
+
+    def __init__(self, models: Path):
+        self.path = models / ".vae_suite_standins"
+        self.items = set(self.path.read_text().split()) if self.path.exists() else set()
+
+    def add(self, rel: str) -> None:
+        self.items.add(rel)
+
+    def discard(self, rel: str) -> None:
+        self.items.discard(rel)
+
+    def save(self) -> None:
+        self.path.write_text("".join(f"{r}\n" for r in sorted(self.items)))
+
+
+def offline_line(models: Path, why: str) -> None:
+    print(f"VAE Suite: offline ({why}): the examples use random-weight stand-ins, which draw noise; put real "
+          f"files into {models}", file=sys.stderr)
+
+
+def hub_answers() -> bool:
+    """One quick request to the Hub's endpoint (huggingface_hub itself retries for half a minute)."""
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5)
+        return True
+    except OSError as e:  # URLError and HTTPError are OSErrors; an HTTP error still means it answered
+        return getattr(e, "code", None) is not None
+
+
+def fetch_real(models: Path, standins: Standins) -> bool:
+    """Link the real files into `models`; False (after one line on stderr) when neither the Hub nor the local
+    huggingface_hub cache (HF_HUB_OFFLINE=1) has them."""
+    from huggingface_hub import constants, hf_hub_download
+
+    if not constants.HF_HUB_OFFLINE and not hub_answers():
+        offline_line(models, "the Hugging Face Hub is not reachable")
+        return False
+    for repo, filename, rel in FETCH:
+        dst = models / rel
+        top = rel.split("/")[0] + "/" + rel.split("/")[1]  # vae/<file> or vae/<folder>
+        if dst.exists() and top not in standins.items:
+            continue  # already real (fetched before, or put there by hand)
+        try:
+            src = Path(hf_hub_download(repo, filename)).resolve()
+        except Exception as e:  # noqa: BLE001  lost network, no cache entry with HF_HUB_OFFLINE=1, ...
+            offline_line(models, f"{repo}/{filename}: {type(e).__name__}")
+            return False
+        if top in standins.items:  # a stand-in made earlier: replace it (the whole folder for diffusers ones)
+            old = models / top
+            for p in sorted(old.rglob("*"), reverse=True) if old.is_dir() else []:
+                p.unlink() if not p.is_dir() else p.rmdir()
+            if old.is_dir():
+                old.rmdir()
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+            standins.discard(top)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src)
+        print(f"VAE Suite: {repo}/{filename} -> {dst}", file=sys.stderr)
+    return True
+
+
+def write_standins(models: Path, standins: Standins) -> None:
+    def tiny_folder(p: Path) -> None:
+        cfg = {**tiny.DEFAULT_CONFIG}
+        save_file(weights(tiny.build(cfg), 24), p)
+        (p.parent / "config.json").write_text(json.dumps(
+            {"_class_name": "AutoencoderTiny", **{k: cfg[k] for k in DIFFUSERS_TINY_FIELDS}}, indent=1))
+
+    def asym_folder(p: Path) -> None:
+        save_file(weights(asym.build(ASYM_DEMO), 23), p)
+        (p.parent / "config.json").write_text(json.dumps(
+            {"_class_name": "AsymmetricAutoencoderKL", **ASYM_DEMO, "down_block_types": ["DownEncoderBlock2D"] * 4,
+             "up_block_types": ["UpDecoderBlock2D"] * 4}, indent=1))
+
     jobs = {
-        vae / "sdxl_vae.safetensors": lambda p: save_file(weights(kl.build(KL_DEMO), 21), p),
-        vae / "vae-ft-mse-840000-ema-pruned.safetensors":
-            lambda p: save_file(weights(kl.build(KL_CORE_SHAPED), 22, torch.float16), p),
-        vae / "asymmetric-autoencoder-kl-x-1-5" / "diffusion_pytorch_model.safetensors":
-            lambda p: save_file(weights(asym.build(ASYM_DEMO), 23), p),
+        f"vae/{SD_VAE}": lambda p: save_file(weights(kl.build(KL_CORE_SHAPED), 22, torch.float16), p),
+        "vae/taesd/diffusion_pytorch_model.safetensors": tiny_folder,
+        "vae/asymmetric-autoencoder-kl-x-1-5/diffusion_pytorch_model.safetensors": asym_folder,
+        # the TAESD Preview example's model: SD2-shaped (it samples with LotusConditioning's 1024-wide
+        # conditioning, the one core node that makes a conditioning without a text encoder)
+        DEMO_UNET: lambda p: save_file(sd15_unet_state_dict(seed=0, context_dim=1024, linear_proj=True), p),
     }
-    for path, write in jobs.items():
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(path)
-            print(f"wrote stand-in {path}")
-    cfg = vae / "asymmetric-autoencoder-kl-x-1-5" / "config.json"
-    if not cfg.exists():
-        import json
-        cfg.write_text(json.dumps({"_class_name": "AsymmetricAutoencoderKL", **ASYM_DEMO,
-                                   "down_block_types": ["DownEncoderBlock2D"] * 4,
-                                   "up_block_types": ["UpDecoderBlock2D"] * 4}, indent=1))
+    for rel, write in jobs.items():
+        path = models / rel
+        if path.exists() or path.is_symlink():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        standins.add("/".join(rel.split("/")[:2]))
+        print(f"VAE Suite: wrote stand-in {path}", file=sys.stderr)
+
+
+def write_inputs(inputs: Path) -> None:
     inputs.mkdir(parents=True, exist_ok=True)
-    photo = ROOT.parent / "shared" / "data" / "taesd_shiba_512.png"
+    photo = Path(os.environ.get("VAE_SUITE_SHARED", ROOT.parent / "shared")) / "data" / "taesd_shiba_512.png"
     if not (inputs / "example.png").exists():
         img = Image.open(photo).convert("RGB") if photo.exists() else Image.fromarray(
             (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8))
@@ -71,6 +170,17 @@ def main(models: Path, inputs: Path) -> None:
         Image.fromarray(rgba, "RGBA").save(inputs / "example_inpaint.png")
 
 
+def main(models: Path, inputs: Path, fetch: bool = True) -> bool:
+    """-> whether the real files were fetched."""
+    models.mkdir(parents=True, exist_ok=True)
+    standins = Standins(models)
+    online = fetch and fetch_real(models, standins)
+    write_standins(models, standins)
+    standins.save()
+    write_inputs(inputs)
+    return online
+
+
 if __name__ == "__main__":
     models = Path(sys.argv[1])
-    main(models, models.parent / "input")
+    main(models, models.parent / "input", fetch="--no-fetch" not in sys.argv[2:])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run an API-format workflow on a running ComfyUI and print where its images went.
 
-    python scripts/run_workflow.py example_workflows/api/encode_decode_tiled.json --url http://127.0.0.1:8188
+    python scripts/run_workflow.py "example_workflows/api/Encode and decode 1536x1024 in 512 px tiles.json" --url http://127.0.0.1:8188
 
 Export your own with "Export (API)" in ComfyUI's workflow menu. Only the standard library is used.
 """

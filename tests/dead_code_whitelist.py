@@ -12,7 +12,7 @@ _.process_input, _.process_output, _.memory_used_decode, _.memory_used_encode
 # nn.Module.forward is called through __call__
 _.forward
 # aiohttp route handlers are registered by decorator
-_tile_plan
+_tile_plan, _search_aliases
 # public API of vae_core (README "Python API"), used by scripts and other packs
 _.decode_diffusion
 pack_2x2

@@ -27,8 +27,10 @@ def _fill(shapes: dict[str, tuple], seed: int, dtype: torch.dtype) -> dict[str, 
     return sd
 
 
-def sd15_unet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    ch, emb, ctx = 320, 1280, 768
+def sd15_unet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, context_dim: int = 768,
+                         linear_proj: bool = False) -> dict[str, torch.Tensor]:
+    """context_dim=1024 with linear_proj=True gives the SD2.x shape instead (ComfyUI detects SD2, same latents)."""
+    ch, emb, ctx = 320, 1280, context_dim
     shapes: dict[str, tuple] = {}
 
     def linear(p, n_in, n_out, bias=True):
@@ -53,9 +55,15 @@ def sd15_unet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> d
         if n_in != n_out:
             conv(f"{p}.skip_connection", n_in, n_out, k=1)
 
-    def transformer(p):  # SpatialTransformer, depth 1, 1x1-conv projections (SD1.x)
+    def proj(p):
+        if linear_proj:
+            linear(p, ch, ch)
+        else:
+            conv(p, ch, ch, k=1)
+
+    def transformer(p):  # SpatialTransformer, depth 1, 1x1-conv (SD1.x) or linear (SD2.x) projections
         norm(f"{p}.norm", ch)
-        conv(f"{p}.proj_in", ch, ch, k=1)
+        proj(f"{p}.proj_in")
         t = f"{p}.transformer_blocks.0"
         for attn, kv in (("attn1", ch), ("attn2", ctx)):
             linear(f"{t}.{attn}.to_q", ch, ch, bias=False)
@@ -66,7 +74,7 @@ def sd15_unet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> d
         linear(f"{t}.ff.net.2", 4 * ch, ch)
         for n in ("norm1", "norm2", "norm3"):
             norm(f"{t}.{n}", ch)
-        conv(f"{p}.proj_out", ch, ch, k=1)
+        proj(f"{p}.proj_out")
 
     linear("time_embed.0", ch, emb)
     linear("time_embed.2", emb, emb)

@@ -1,10 +1,12 @@
-"""The tile-settings widget (web/) in a real Chromium against the real ComfyUI 0.3.75 host (frontend 1.32.9).
+"""The tile-settings widget (web/) in a real Chromium against the real ComfyUI 0.3.75 host, on two frontends
+(the host's own 1.32.9, and 1.58.1 from PyPI served with --front-end-root) x two renderers (the classic canvas
+and the Vue node renderer, setting Comfy.VueNodes.Enabled).
 
-Needs Debian chromium and tests/browser/node_modules (scripts/setup_browser.sh installs both). The driver,
-tests/browser/widget_test.mjs, checks: the extension loads, the node shows the widget with the tile grid of
-the linked latent, a preset chosen with the mouse writes the INT widgets, a value that does not fit is
-shown and fixed by a click, the queued prompt carries the values, a saved and reloaded workflow keeps them
-(also in a page without our JS), and the pack logs no console error. Screenshots go to artifacts/.
+Needs Debian chromium, tests/browser/node_modules and .cache/frontend-1.58.1 (scripts/setup_browser.sh installs
+all three). The driver, tests/browser/widget_test.mjs, does under each renderer what a person does: clicks a
+preset button, an input's arrow, the fix line and the Run button, links and unlinks the latent, changes its
+size, loads the saved workflow; it checks the widget's values and drawing after each, and the prompt the queue
+sent. One host start serves both renderers of a frontend. Screenshots go to artifacts/.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ DRIVER = BROWSER_DIR / "widget_test.mjs"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = ROOT / "artifacts"
 VAE_FILE = "widget_test_kl.safetensors"
+NEW_FRONTEND = "1.58.1"
+NEW_FRONTEND_ROOT = ROOT / ".cache" / f"frontend-{NEW_FRONTEND}" / "comfyui_frontend_package" / "static"
+HOST_FRONTEND = "1.32.9"  # what ComfyUI 0.3.75's requirements install
 
 
 def _require_browser() -> None:
@@ -49,48 +54,89 @@ def _write_small_vae(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
 
 
+@pytest.fixture(scope="module")
+def new_frontend_host(tmp_path_factory):
+    """The same ComfyUI serving the newest frontend on PyPI."""
+    from comfy_host import ComfyHost
+
+    index = NEW_FRONTEND_ROOT / "index.html"
+    if not index.is_file():
+        msg = f"frontend {NEW_FRONTEND} missing at {NEW_FRONTEND_ROOT}: run scripts/setup_browser.sh"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    host = ComfyHost(tmp_path_factory.mktemp("comfy_fe"), ["--front-end-root", str(NEW_FRONTEND_ROOT)])
+    host.start()
+    yield host
+    host.stop()
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_tile_widget_in_browser(comfy_host):
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("frontend", [HOST_FRONTEND, NEW_FRONTEND])
+def test_tile_widget_in_browser(frontend, request):
     _require_browser()
-    _write_small_vae(comfy_host.base / "models" / "vae" / VAE_FILE)
-    # the pack is loaded and its JS is listed
-    assert "VAESuiteDecodeTiled" in comfy_host.object_info("VAESuiteDecodeTiled")
-    exts = comfy_host.get("/extensions").json()
+    host = request.getfixturevalue("comfy_host" if frontend == HOST_FRONTEND else "new_frontend_host")
+    vae = host.base / "models" / "vae" / VAE_FILE
+    if not vae.exists():
+        _write_small_vae(vae)
+    # the pack is loaded, its JS is listed, and the page serves the frontend asked for
+    assert "VAESuiteDecodeTiled" in host.object_info("VAESuiteDecodeTiled")
+    exts = host.get("/extensions").json()
     assert "/extensions/comfyui-vae-suite/vae_suite_tiles.js" in exts, exts
-    assert comfy_host.post("/settings/Comfy.TutorialCompleted", True).ok
+    assert host.post("/settings/Comfy.TutorialCompleted", True).ok
+    served = host.get("/").text
+    if frontend == NEW_FRONTEND:
+        assert served == (NEW_FRONTEND_ROOT / "index.html").read_text()
+    else:
+        import comfyui_frontend_package  # the host's own frontend
+        assert (Path(comfyui_frontend_package.__file__).parent / "static" / "index.html").read_text() == served
+
+    # help pages where the frontend's node help looks, the zh locale, the search aliases
+    for node in ("VAESuiteLoader", "VAESuiteEncode", "VAESuiteDecodeTiled", "VAESuiteAsymInpaintDecode",
+                 "VAESuiteTAESDPreview"):
+        page = host.get(f"/extensions/comfyui-vae-suite/docs/{node}.md")
+        assert page.status_code == 200 and "## Inputs" in page.text and "## Example" in page.text, node
+    zh = host.get("/i18n").json()["zh"]["nodeDefs"]
+    assert zh["VAESuiteDecodeTiled"]["display_name"] == "VAE分块解码（VAE Suite）"
+    assert zh["VAESuiteEncode"]["inputs"]["tile_size"]["tooltip"]
+    aliases = host.get("/vae_suite/search_aliases").json()
+    assert "tiled vae" in aliases["VAESuiteDecodeTiled"] and "taesd" in aliases["VAESuiteTAESDPreview"]
+    assert "inpaint vae" in aliases["VAESuiteAsymInpaintDecode"]
 
     ARTIFACTS.mkdir(exist_ok=True)
-    env = {**os.environ, "COMFY_URL": comfy_host.url, "VAE_NAME": VAE_FILE, "ARTIFACTS": str(ARTIFACTS),
-           "CHROMIUM": str(CHROMIUM)}
+    env = {**os.environ, "COMFY_URL": host.url, "VAE_NAME": VAE_FILE, "ARTIFACTS": str(ARTIFACTS),
+           "CHROMIUM": str(CHROMIUM), "FRONTEND": frontend, "RENDERERS": "classic,vue"}
     proc = subprocess.run(["node", str(DRIVER)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=540)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"driver printed no result (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     facts = json.loads(lines[-1])
-    (ARTIFACTS / "widget_facts.json").write_text(json.dumps(facts, indent=1))
+    (ARTIFACTS / f"widget_facts_{frontend}.json").write_text(json.dumps(facts, indent=1))
     failed = {k: v for k, v in facts.get("checks", {}).items() if not v["ok"]}
     assert proc.returncode == 0 and not failed and "crash" not in facts, (
         f"rc {proc.returncode}; failed checks: {json.dumps(failed, indent=1)[:4000]}\n"
         f"crash: {facts.get('crash')}\nstderr: {proc.stderr[-3000:]}")
-    expected = {"extension_registered", "pack_js_served", "widget_added", "widget_drawn_with_grid",
-                "server_plan_used", "preset_768_sets_ints", "preset_768_grid", "bad_overlap_shown",
-                "bad_overlap_fixed_by_click", "prompt_carries_values", "prompt_accepted",
-                "workflow_widgets_values", "reloaded_workflow_keeps_values", "page_reload_keeps_values",
-                "without_js_values_kept", "without_js_prompt_same", "encode_and_asym_nodes_have_widget",
-                "no_console_error_from_pack", "no_failed_request_from_pack"}
+    per_renderer = {"renderer_is_active", "search_aliases_reach_frontend", "widget_shows_linked_grid", "grid_is_the_routes_plan",
+                    "unlinked_shows_size_unknown", "relinked_shows_grid", "upstream_size_change_redraws",
+                    "preset_768_click_sets_inputs", "preset_768_shown", "overlap_arrow_steps_value",
+                    "overlap_arrow_redraws", "bad_overlap_shown", "fix_line_click_fixes", "fix_does_not_loop",
+                    "prompt_carries_values", "prompt_accepted", "workflow_widgets_values", "finished_run_redraws",
+                    "loaded_workflow_keeps_values", "loaded_workflow_drawn", "no_console_error_from_pack",
+                    "no_failed_request_from_pack"}
+    expected = {f"{r}_{c}" for r in ("classic", "vue") for c in per_renderer}
+    expected |= {"without_js_values_kept", "without_js_prompt_same"}
     assert expected <= set(facts["checks"]), sorted(expected - set(facts["checks"]))
 
-    # the prompt the page queued ran on the server with those values
-    entry = comfy_host.wait(facts["prompt_id"], timeout=120)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    prompt = entry["prompt"][2]
-    dec = next(n for n in prompt.values() if n["class_type"] == "VAESuiteDecodeTiled")
-    assert (dec["inputs"]["tile_size"], dec["inputs"]["overlap"]) == (768, 96)
-    assert any(o.get("images") for o in entry["outputs"].values())
-
-    png = ARTIFACTS / "widget_node.png"
-    assert png.is_file() and png.stat().st_size > 2000
+    # the prompts the page queued ran on the server with those values
+    for renderer in ("classic", "vue"):
+        entry = host.wait(facts[f"{renderer}_prompt_id"], timeout=120)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        dec = next(n for n in entry["prompt"][2].values() if n["class_type"] == "VAESuiteDecodeTiled")
+        assert (dec["inputs"]["tile_size"], dec["inputs"]["overlap"]) == (768, 96)
+        assert any(o.get("images") for o in entry["outputs"].values())
+        png = ARTIFACTS / f"widget_{frontend}_{renderer}.png"
+        assert png.is_file() and png.stat().st_size > 2000
 
 
 def require_node() -> None:

@@ -1,7 +1,10 @@
-// Drives Debian's chromium (playwright-core) against a running ComfyUI host with this pack loaded, and
-// checks the tile-settings widget end to end. Run by tests/test_widget_browser.py:
-//   COMFY_URL=http://127.0.0.1:PORT VAE_NAME=<entry> ARTIFACTS=<dir> node tests/browser/widget_test.mjs
-// Prints one JSON object (the measured facts) as the last stdout line; exits 1 on a failed check.
+// Drives Debian's chromium (playwright-core) against a running ComfyUI host with this pack loaded and checks
+// the tile-settings widget end to end under each renderer: the classic canvas and the Vue node renderer
+// ("Nodes 2.0", setting Comfy.VueNodes.Enabled). Run by tests/test_widget_browser.py:
+//   COMFY_URL=http://127.0.0.1:PORT VAE_NAME=<entry> ARTIFACTS=<dir> FRONTEND=<label> RENDERERS=classic,vue \
+//     node tests/browser/widget_test.mjs
+// Every action is what a person does: a click on a preset button, on an input's arrow, on the fix line, on
+// the Run button. Prints one JSON object (the measured facts) as the last stdout line; exits 1 on a failed check.
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
@@ -10,37 +13,48 @@ const URL = process.env.COMFY_URL ?? "http://127.0.0.1:8188";
 const VAE_NAME = process.env.VAE_NAME ?? "";
 const ARTIFACTS = process.env.ARTIFACTS ?? "artifacts";
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const PACK_JS = /\/extensions\/comfyui-vae-suite\//;
+const FRONTEND = process.env.FRONTEND ?? "frontend";
+const RENDERERS = (process.env.RENDERERS ?? "classic,vue").split(",").filter(Boolean);
+const PACK = /\/extensions\/comfyui-vae-suite\/|\/vae_suite\//;
 
-const facts = { checks: {} };
+const facts = { frontend: FRONTEND, checks: {} };
 const failures = [];
 function check(name, ok, detail) {
   facts.checks[name] = { ok: !!ok, ...(detail === undefined ? {} : { detail }) };
   if (!ok) failures.push(`${name}: ${JSON.stringify(detail)}`);
 }
 
-function watchConsole(page, sink) {
-  page.on("console", (m) => {
-    if (m.type() !== "error") return;
-    const loc = m.location();
-    sink.push({ text: m.text(), url: loc?.url ?? "" });
-  });
-  page.on("pageerror", (e) => sink.push({ text: String(e?.stack || e), url: "" }));
+async function setSetting(id, value) {
+  const r = await fetch(`${URL}/api/settings/${id}`, { method: "POST", body: JSON.stringify(value) });
+  if (!r.ok) throw new Error(`setting ${id}: ${r.status}`);
 }
 
-async function waitReady(page) {
+async function openPage(browser, { blockPackJs = false } = {}) {
+  const ctx = await browser.newContext({ viewport: { width: 1400, height: 900 } });
+  const page = await ctx.newPage();
+  const errors = [];
+  page.on("console", (m) => {
+    if (m.type() === "error") errors.push({ text: m.text(), url: m.location()?.url ?? "" });
+  });
+  page.on("pageerror", (e) => errors.push({ text: String(e?.stack || e), url: "" }));
+  const failed = [];
+  page.on("response", (r) => { if (r.status() >= 400) failed.push([r.status(), r.url()]); });
+  if (blockPackJs) {
+    await page.route(/\/extensions\/comfyui-vae-suite\//, (r) => r.fulfill({ status: 200,
+      contentType: "text/javascript", body: "" }));
+  }
   await page.goto(URL, { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => {
     const t = window.LiteGraph?.registered_node_types;
     return t && Object.keys(t).length > 0 && window.app?.graph && window.app?.canvas;
-  }, null, { timeout: 60000 });
-  // let extensions' setup() and the first draw happen
-  await page.waitForTimeout(500);
+  }, null, { timeout: 90000 });
+  await page.waitForTimeout(800); // extensions' setup() and the first draw
+  return { ctx, page, errors, failed };
 }
 
-/** Builds EmptyLatentImage(1536x1024) -> VAESuiteDecodeTiled <- VAESuiteLoader, -> PreviewImage. */
+/** EmptyLatentImage(1536x1024) -> VAESuiteDecodeTiled <- VAESuiteLoader, -> PreviewImage. */
 async function buildGraph(page) {
-  return page.evaluate(async (vaeName) => {
+  return page.evaluate((vaeName) => {
     const { app, LiteGraph } = window;
     app.graph.clear();
     const add = (type, pos) => {
@@ -49,26 +63,26 @@ async function buildGraph(page) {
       app.graph.add(n);
       return n;
     };
-    const latent = add("EmptyLatentImage", [20, 140]);
+    const latent = add("EmptyLatentImage", [20, 120]);
     latent.widgets.find((w) => w.name === "width").value = 1536;
     latent.widgets.find((w) => w.name === "height").value = 1024;
-    const loader = add("VAESuiteLoader", [20, 360]);
-    const lw = loader.widgets.find((w) => w.name === "vae_name");
-    if (vaeName) lw.value = vaeName;
-    const dec = add("VAESuiteDecodeTiled", [380, 140]);
-    const prev = add("PreviewImage", [760, 140]);
+    const loader = add("VAESuiteLoader", [20, 400]);
+    if (vaeName) loader.widgets.find((w) => w.name === "vae_name").value = vaeName;
+    const dec = add("VAESuiteDecodeTiled", [400, 120]);
+    const prev = add("PreviewImage", [820, 120]);
     latent.connect(0, dec, 0);
     loader.connect(0, dec, 1);
     dec.connect(0, prev, 0);
     app.canvas.ds.scale = 1;
-    app.canvas.ds.offset = [70, 0];
+    app.canvas.ds.offset = [0, 0];
     app.graph.setDirtyCanvas(true, true);
-    return { latent: latent.id, loader: loader.id, dec: dec.id, prev: prev.id, vaeName: lw.value,
-      vaeOptions: lw.options?.values ?? null };
+    return { latent: latent.id, loader: loader.id, dec: dec.id, prev: prev.id };
   }, VAE_NAME);
 }
 
-function nodeValues(page, id) {
+const widgetSel = (id) => `.vae-suite-tiles[data-vae-suite-node="${id}"]`;
+
+function values(page, id) {
   return page.evaluate((nid) => {
     const n = window.app.graph.getNodeById(nid);
     const get = (name) => n.widgets?.find((w) => w.name === name)?.value;
@@ -77,224 +91,69 @@ function nodeValues(page, id) {
   }, id);
 }
 
-/** Screen point (page CSS px) of a spot of our widget: kind "chip" (preset name) or "warn". */
-async function widgetPoint(page, id, kind, name) {
-  const p = await page.evaluate(({ nid, kind, name }) => {
-    const { app } = window;
+/** What the widget shows: its text lines, the preset lit, the tiles drawn, the fix line. */
+function shown(page, id) {
+  return page.evaluate((sel) => {
+    const r = document.querySelector(sel);
+    if (!r) return null;
+    const box = r.getBoundingClientRect();
+    return { lines: [...r.querySelectorAll(".vst-lines div")].map((d) => d.textContent),
+      pressed: [...r.querySelectorAll("button[aria-pressed=true]")].map((b) => b.dataset.preset),
+      tiles: r.querySelectorAll("rect.vst-tile").length, fix: r.querySelector(".vst-fix").hidden ? null
+        : r.querySelector(".vst-fix").textContent, visible: box.width > 100 && box.height > 60 };
+  }, widgetSel(id));
+}
+
+/** Wait until the widget shows what `pred` wants (it redraws within a few hundred ms). */
+async function until(page, id, pred, ms = 4000) {
+  const t0 = Date.now();
+  let s = await shown(page, id);
+  while (!(s && pred(s)) && Date.now() - t0 < ms) {
+    await page.waitForTimeout(100);
+    s = await shown(page, id);
+  }
+  return s;
+}
+
+/** A value typed into an input (sets it as the input's own editor does, through its callback). */
+function typeValue(page, id, name, value) {
+  return page.evaluate(({ nid, name, value }) => {
+    const w = window.app.graph.getNodeById(nid).widgets.find((x) => x.name === name);
+    w.value = value;
+    w.callback?.(value);
+    window.app.graph.setDirtyCanvas(true, true);
+  }, { nid: id, name, value });
+}
+
+/** Click the "increase" arrow of an INT input as a person does, under either renderer. */
+async function clickIncrement(page, renderer, id, name) {
+  if (renderer === "vue") {
+    const node = page.locator(`[data-node-id="${id}"]`);
+    const newer = node.locator(`[data-widget-name="${name}"] [data-testid="increment"]`);
+    if (await newer.count()) return newer.first().click();
+    return node.locator(`span[data-pc-name="inputnumber"]:has(input[aria-label="${name}"]) `
+      + "button[data-pc-section=\"incrementbutton\"]").first().click();
+  }
+  const p = await page.evaluate(({ nid, name }) => {
+    const { app, LiteGraph } = window;
     const n = app.graph.getNodeById(nid);
-    const w = n.widgets.find((x) => x.name === "vae_suite_tiles");
-    let gx;
-    let gy;
-    if (kind === "chip") {
-      const c = w.chips.find((x) => x.name === name);
-      if (!c) return null;
-      gx = n.pos[0] + c.x + c.w / 2;
-      gy = n.pos[1] + (w.last_y ?? w.y) + 4 + 10;
-    } else {
-      if (!w.warnLine) return null;
-      gx = n.pos[0] + w.warnLine.x + 20;
-      gy = n.pos[1] + w.warnLine.y + w.warnLine.h / 2;
-    }
-    const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([gx, gy]);
+    const w = n.widgets.find((x) => x.name === name);
+    const h = LiteGraph.NODE_WIDGET_HEIGHT ?? 20;
+    const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] - 22, n.pos[1] + (w.last_y ?? w.y) + h / 2]);
     const r = app.canvas.canvas.getBoundingClientRect();
     const k = r.width / app.canvas.canvas.width * (window.devicePixelRatio || 1);
     return { x: r.left + cx * k, y: r.top + cy * k };
-  }, { nid: id, kind, name });
-  return p;
+  }, { nid: id, name });
+  await page.mouse.click(p.x, p.y);
 }
 
-async function redraw(page) {
-  await page.evaluate(() => { window.app.graph.setDirtyCanvas(true, true); window.app.canvas.draw(true, true); });
-  await page.waitForTimeout(150);
-}
-
-async function main() {
-  mkdirSync(ARTIFACTS, { recursive: true });
-  // playwright gives each launch a fresh temporary --user-data-dir itself (it refuses one in args)
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
-  try {
-    // ------------------------------------------------------------ baseline: the same page without our JS
-    const base = await browser.newContext({ viewport: { width: 1400, height: 900 } });
-    const basePage = await base.newPage();
-    const baseErrors = [];
-    watchConsole(basePage, baseErrors);
-    await basePage.route(PACK_JS, (r) => r.fulfill({ status: 200, contentType: "text/javascript", body: "" }));
-    await waitReady(basePage);
-    const baseIds = await buildGraph(basePage);
-    await redraw(basePage);
-    facts.baseline_errors = baseErrors.map((e) => e.text.slice(0, 200));
-
-    // ------------------------------------------------------------ with the pack's extension
-    const ctx = await browser.newContext({ viewport: { width: 1400, height: 900 } });
-    const page = await ctx.newPage();
-    const errors = [];
-    const packRequests = [];
-    watchConsole(page, errors);
-    const failedResponses = [];
-    page.on("response", (r) => {
-      if (PACK_JS.test(r.url())) packRequests.push([r.url(), r.status()]);
-      if (r.status() >= 400) failedResponses.push([r.status(), r.url()]);
-    });
-    await waitReady(page);
-
-    const loaded = await page.evaluate(() => {
-      const names = (window.app.extensions ?? []).map((e) => e.name);
-      return { registered: names.includes("vae_suite.tile_settings") };
-    });
-    check("extension_registered", loaded.registered, loaded);
-    check("pack_js_served", packRequests.length >= 2 && packRequests.every(([, s]) => s === 200), packRequests);
-
-    const ids = await buildGraph(page);
-    facts.vae_name = ids.vaeName;
-    await redraw(page);
-    await page.waitForTimeout(400); // the tile_plan route answers, then the node redraws
-    await redraw(page);
-
-    let v = await nodeValues(page, ids.dec);
-    check("widget_added", v.hasWidget, v);
-    const st0 = await page.evaluate((nid) => {
-      const n = window.app.graph.getNodeById(nid);
-      const w = n.widgets.find((x) => x.name === "vae_suite_tiles");
-      const s = w.state; // set by draw(): proves it was drawn
-      return s && { drawn: true, preset: s.preset, size: s.size, count: s.summary?.grid?.count,
-        server: s.server, peak: s.summary?.peakBytes, widgetsOrder: n.widgets.map((x) => x.name),
-        nodeSize: [...n.size] };
-    }, ids.dec);
-    check("widget_drawn_with_grid", st0?.drawn && st0.size?.width === 1536 && st0.size?.height === 1024
-      && st0.count === 6, st0);
-    check("server_plan_used", st0?.server?.count === 6 && st0.server.tiles?.length === 6, st0?.server);
-    facts.initial = st0;
-
-    // ------------------------------------------------------------ a preset, chosen with the mouse
-    const chip = await widgetPoint(page, ids.dec, "chip", "768");
-    await page.mouse.click(chip.x, chip.y);
-    await redraw(page);
-    v = await nodeValues(page, ids.dec);
-    check("preset_768_sets_ints", v.tile_size === 768 && v.overlap === 96, v);
-    const st1 = await page.evaluate((nid) => {
-      const w = window.app.graph.getNodeById(nid).widgets.find((x) => x.name === "vae_suite_tiles");
-      return { preset: w.state.preset, count: w.state.summary.grid.count };
-    }, ids.dec);
-    check("preset_768_grid", st1.preset === "768" && st1.count === 4, st1);
-
-    // ------------------------------------------------------------ a value that does not fit, fixed by a click
-    await page.evaluate((nid) => {
-      const w = window.app.graph.getNodeById(nid).widgets.find((x) => x.name === "overlap");
-      w.value = 500;
-    }, ids.dec);
-    await redraw(page);
-    const warn = await page.evaluate((nid) => {
-      const w = window.app.graph.getNodeById(nid).widgets.find((x) => x.name === "vae_suite_tiles");
-      return { notes: w.state.corrected.notes, overlap: w.state.corrected.overlap, line: !!w.warnLine };
-    }, ids.dec);
-    check("bad_overlap_shown", warn.line && warn.overlap === 376 && warn.notes.join() === "overlap 500 → 376 (< tile/2)", warn);
-    await page.screenshot({ path: join(ARTIFACTS, "widget_warning.png"), clip: await nodeClip(page, ids.dec) });
-    const wp = await widgetPoint(page, ids.dec, "warn");
-    await page.mouse.click(wp.x, wp.y);
-    await redraw(page);
-    v = await nodeValues(page, ids.dec);
-    check("bad_overlap_fixed_by_click", v.overlap === 376, v);
-    // back to the preset for the rest
-    const chip2 = await widgetPoint(page, ids.dec, "chip", "768");
-    await page.mouse.click(chip2.x, chip2.y);
-    await redraw(page);
-    v = await nodeValues(page, ids.dec);
-    check("preset_again", v.tile_size === 768 && v.overlap === 96, v);
-
-    // ------------------------------------------------------------ screenshot of the node
-    await page.screenshot({ path: join(ARTIFACTS, "widget_node.png"), clip: await nodeClip(page, ids.dec) });
-    await page.screenshot({ path: join(ARTIFACTS, "widget_graph.png") });
-
-    // ------------------------------------------------------------ the queued prompt carries the values
-    const promptReq = page.waitForRequest((r) => /\/prompt$/.test(r.url()) && r.method() === "POST", { timeout: 30000 });
-    await page.evaluate(() => window.app.queuePrompt(0, 1));
-    const req = await promptReq;
-    const body = req.postDataJSON();
-    const resp = await req.response();
-    const decInputs = body.prompt[String(ids.dec)]?.inputs ?? {};
-    check("prompt_carries_values", decInputs.tile_size === 768 && decInputs.overlap === 96
-      && !("vae_suite_tiles" in decInputs), decInputs);
-    const answer = await resp.json();
-    check("prompt_accepted", resp.status() === 200 && !!answer.prompt_id, { status: resp.status(), answer });
-    facts.prompt_id = answer.prompt_id;
-    const wfNode = body.extra_data?.extra_pnginfo?.workflow?.nodes?.find((n) => n.id === ids.dec);
-    check("workflow_widgets_values", JSON.stringify(wfNode?.widgets_values) === JSON.stringify(["auto", 768, 96]),
-      wfNode?.widgets_values);
-
-    // ------------------------------------------------------------ save + reload keeps them
-    const wf = await page.evaluate(() => window.app.graph.serialize());
-    facts.saved_workflow = wf;
-    await page.evaluate(async (w) => { window.app.graph.clear(); await window.app.loadGraphData(w); }, wf);
-    await redraw(page);
-    v = await nodeValues(page, ids.dec);
-    check("reloaded_workflow_keeps_values", v.tile_size === 768 && v.overlap === 96 && v.hasWidget, v);
-    // the whole page reloaded: the frontend restores the open workflow
-    await page.waitForTimeout(1200); // the frontend persists the workflow on a timer
-    await waitReady(page);
-    await redraw(page);
-    v = await nodeValues(page, ids.dec);
-    check("page_reload_keeps_values", v.tile_size === 768 && v.overlap === 96 && v.hasWidget, v);
-
-    // ------------------------------------------------------------ without our JS the saved workflow still works
-    await basePage.evaluate(async (w) => { window.app.graph.clear(); await window.app.loadGraphData(w); }, wf);
-    const bv = await nodeValues(basePage, ids.dec);
-    check("without_js_values_kept", bv.tile_size === 768 && bv.overlap === 96 && bv.tiling === "auto"
-      && !bv.hasWidget, bv);
-    const basePrompt = await basePage.evaluate(async () => (await window.app.graphToPrompt()).output);
-    const bInputs = basePrompt[String(ids.dec)]?.inputs ?? {};
-    check("without_js_prompt_same", bInputs.tile_size === 768 && bInputs.overlap === 96, bInputs);
-    facts.baseline_ids = baseIds;
-
-    // ------------------------------------------------------------ the encode and inpaint-decode nodes get it too
-    const enc = await page.evaluate(async () => {
-      const { app, LiteGraph } = window;
-      const img = LiteGraph.createNode("EmptyImage");
-      img.pos = [20, 560];
-      app.graph.add(img);
-      img.widgets.find((w) => w.name === "width").value = 2048;
-      img.widgets.find((w) => w.name === "height").value = 1000;
-      const e = LiteGraph.createNode("VAESuiteEncode");
-      e.pos = [380, 560];
-      app.graph.add(e);
-      img.connect(0, e, 0);
-      const a = LiteGraph.createNode("VAESuiteAsymInpaintDecode");
-      app.graph.add(a);
-      const w = e.widgets.find((x) => x.name === "vae_suite_tiles");
-      const st = w?.getState();
-      const out = { encode: !!w, asym: !!a.widgets.find((x) => x.name === "vae_suite_tiles"),
-        size: st?.size, count: st?.summary?.grid?.count,
-        valuesSerialized: e.serialize().widgets_values };
-      app.graph.remove(a);
-      return out;
-    });
-    check("encode_and_asym_nodes_have_widget", enc.encode && enc.asym && enc.size?.width === 2048
-      && enc.size?.height === 1000 && enc.count === 8, enc);
-
-    // ------------------------------------------------------------ console errors of the pack
-    const baseSet = new Set(baseErrors.map((e) => e.text));
-    // ours: anything raised from our JS files, or an error text the page without our JS never logs (the
-    // frontend itself asks api.comfy.org about every custom node type, also without our JS: not ours)
-    const ours = errors.filter((e) => PACK_JS.test(e.text) || PACK_JS.test(e.url) || !baseSet.has(e.text));
-    facts.console_errors = errors.map((e) => e.text.slice(0, 200));
-    facts.failed_responses = failedResponses;
-    check("no_console_error_from_pack", ours.length === 0, ours);
-    // generic "Failed to load resource" texts look alike: also no failed request to our JS or our route
-    const oursHttp = failedResponses.filter(([, u]) => PACK_JS.test(u) || /\/vae_suite\//.test(u));
-    check("no_failed_request_from_pack", oursHttp.length === 0, oursHttp);
-  } finally {
-    await browser.close();
-  }
-}
-
-/** Page-pixel clip around a node (title bar included). */
-async function nodeClip(page, id) {
-  return page.evaluate((nid) => {
+async function nodeShot(page, renderer, id, path) {
+  const clip = await page.evaluate(({ nid, vue }) => {
     const { app, LiteGraph } = window;
+    if (vue) {
+      const r = document.querySelector(`[data-node-id="${nid}"]`).getBoundingClientRect();
+      return { x: r.left - 8, y: r.top - 8, width: r.width + 16, height: r.height + 16 };
+    }
     const n = app.graph.getNodeById(nid);
     const th = LiteGraph.NODE_TITLE_HEIGHT ?? 30;
     const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] - 8, n.pos[1] - th - 8]);
@@ -302,7 +161,155 @@ async function nodeClip(page, id) {
     const r = app.canvas.canvas.getBoundingClientRect();
     const k = r.width / app.canvas.canvas.width * (window.devicePixelRatio || 1);
     return { x: r.left + x0 * k, y: r.top + y0 * k, width: (x1 - x0) * k, height: (y1 - y0) * k };
+  }, { nid: id, vue: renderer === "vue" });
+  await page.screenshot({ path, clip });
+}
+
+async function runRenderer(browser, renderer, index) {
+  const tag = `${renderer}_`;
+  const c = (name, ok, detail) => check(tag + name, ok, detail);
+  await setSetting("Comfy.VueNodes.Enabled", renderer === "vue");
+  const { ctx, page, errors, failed } = await openPage(browser);
+  const vueOn = await page.evaluate(() => !!document.querySelector("[data-node-id]")
+    || window.app.ui?.settings?.getSettingValue?.("Comfy.VueNodes.Enabled"));
+  const ids = await buildGraph(page);
+  const id = ids.dec;
+  // a different batch per renderer, so the second prompt is not answered from the server's cache
+  await typeValue(page, ids.latent, "batch_size", index + 1);
+  const aliases = await page.evaluate(() => window.LiteGraph.registered_node_types.VAESuiteDecodeTiled?.nodeData
+    ?.search_aliases ?? null);
+  c("search_aliases_reach_frontend", Array.isArray(aliases) && aliases.includes("tiled vae"), aliases);
+  c("renderer_is_active", renderer === "vue" ? await page.locator(`[data-node-id="${id}"]`).count() === 1
+    : !(await page.locator(`[data-node-id="${id}"]`).count()), { vueOn });
+
+  // the widget shows the linked latent's tile grid, as the route plans it
+  let s = await until(page, id, (x) => x.tiles === 6);
+  await page.waitForFunction((nid) => window.app.graph.getNodeById(nid).widgets
+    .find((x) => x.name === "vae_suite_tiles").getState().server, id, { timeout: 15000 }).catch(() => null);
+  const st = await page.evaluate((nid) => {
+    const w = window.app.graph.getNodeById(nid).widgets.find((x) => x.name === "vae_suite_tiles");
+    const g = w.getState();
+    return { server: g.server && { count: g.server.count, tiles: g.server.tiles?.length }, routeError: g.routeError };
   }, id);
+  c("widget_shows_linked_grid", s?.visible && s.lines[0]?.startsWith("1536×1024") && s.tiles === 6
+    && s.pressed.join() === "auto", s);
+  c("grid_is_the_routes_plan", st.server?.count === 6 && st.server.tiles === 6 && !st.routeError, st);
+
+  // link changes redraw it
+  await page.evaluate((i) => window.app.graph.getNodeById(i.dec).disconnectInput(0), ids);
+  s = await until(page, id, (x) => x.lines[0]?.startsWith("size unknown"));
+  c("unlinked_shows_size_unknown", s?.lines[0]?.startsWith("size unknown") && s.tiles === 0, s);
+  await page.evaluate((i) => window.app.graph.getNodeById(i.latent).connect(0, window.app.graph.getNodeById(i.dec), 0), ids);
+  s = await until(page, id, (x) => x.tiles === 6);
+  c("relinked_shows_grid", s?.tiles === 6, s);
+
+  // an upstream size change redraws it
+  await typeValue(page, ids.latent, "width", 2048);
+  s = await until(page, id, (x) => x.tiles === 8);
+  c("upstream_size_change_redraws", s?.lines[0]?.startsWith("2048×1024") && s.tiles === 8, s);
+  await typeValue(page, ids.latent, "width", 1536);
+  await until(page, id, (x) => x.tiles === 6);
+
+  // a preset button
+  await page.locator(`${widgetSel(id)} button[data-preset="768"]`).click();
+  let v = await values(page, id);
+  s = await until(page, id, (x) => x.tiles === 4);
+  c("preset_768_click_sets_inputs", v.tile_size === 768 && v.overlap === 96, v);
+  c("preset_768_shown", s?.pressed.join() === "768" && s.tiles === 4, s);
+
+  // an input's arrow
+  await clickIncrement(page, renderer, id, "overlap");
+  await page.waitForTimeout(300);
+  v = await values(page, id);
+  s = await until(page, id, (x) => x.pressed.length === 0);
+  c("overlap_arrow_steps_value", v.tile_size === 768 && v.overlap === 112, v);
+  c("overlap_arrow_redraws", s?.pressed.length === 0 && s.fix === null, s);
+
+  // a value that does not fit: shown, fixed by a click on the fix line, and the fix stays fixed
+  await typeValue(page, id, "overlap", 496); // on the input's step of 16, as its editor allows
+  const typed = (await values(page, id)).overlap;
+  s = await until(page, id, (x) => x.fix !== null);
+  c("bad_overlap_shown", typed === 496 && s?.fix?.includes(`overlap ${typed} → 368 (< tile/2)`), { typed, s });
+  await nodeShot(page, renderer, id, join(ARTIFACTS, `widget_${FRONTEND}_${renderer}_fix.png`));
+  await page.locator(`${widgetSel(id)} button.vst-fix`).click();
+  await page.waitForTimeout(600);
+  v = await values(page, id);
+  s = await until(page, id, (x) => x.fix === null);
+  c("fix_line_click_fixes", v.overlap === 368 && v.tile_size === 768, v);
+  c("fix_does_not_loop", s?.fix === null, s);
+
+  // back to the preset, then the Run button: the prompt carries the values
+  await page.locator(`${widgetSel(id)} button[data-preset="768"]`).click();
+  await until(page, id, (x) => x.pressed.join() === "768");
+  await nodeShot(page, renderer, id, join(ARTIFACTS, `widget_${FRONTEND}_${renderer}.png`));
+  const promptReq = page.waitForRequest((r) => /\/prompt$/.test(r.url()) && r.method() === "POST", { timeout: 30000 });
+  await page.locator('[data-testid="queue-button"]').first().click();
+  const req = await promptReq;
+  const body = req.postDataJSON();
+  const resp = await req.response();
+  const inputs = body.prompt[String(id)]?.inputs ?? {};
+  c("prompt_carries_values", inputs.tiling === "auto" && inputs.tile_size === 768 && inputs.overlap === 96
+    && !("vae_suite_tiles" in inputs), inputs);
+  const answer = await resp.json();
+  c("prompt_accepted", resp.status() === 200 && !!answer.prompt_id, { status: resp.status(), answer });
+  facts[`${renderer}_prompt_id`] = answer.prompt_id;
+  const wfNode = body.extra_data?.extra_pnginfo?.workflow?.nodes?.find((n) => String(n.id) === String(id));
+  c("workflow_widgets_values", JSON.stringify(wfNode?.widgets_values) === JSON.stringify(["auto", 768, 96]),
+    wfNode?.widgets_values);
+
+  // a finished run: the widget shows the run's own size and VAE (the test VAE has one level: f1, so the
+  // 192x128 latent decodes to 192x128 px), also with the latent unlinked
+  const run = await page.waitForFunction((nid) => window.app.graph.getNodeById(nid).__vaeSuiteLastRun, id,
+    { timeout: 120000 }).then((h) => h.jsonValue(), () => null);
+  await page.evaluate((i) => window.app.graph.getNodeById(i.dec).disconnectInput(0), ids);
+  s = await until(page, id, (x) => x.lines[0]?.startsWith(`${run?.width}×${run?.height} px`));
+  c("finished_run_redraws", run?.width === 192 && s?.lines[0] === "192×128 px · kl f1", { run, s });
+  await page.evaluate((i) => window.app.graph.getNodeById(i.latent).connect(0, window.app.graph.getNodeById(i.dec), 0), ids);
+
+  // a loaded workflow keeps the values and is drawn
+  const wf = await page.evaluate(() => window.app.graph.serialize());
+  await page.evaluate(async (w) => { window.app.graph.clear(); await window.app.loadGraphData(w); }, wf);
+  await page.waitForTimeout(500);
+  v = await values(page, id);
+  s = await until(page, id, (x) => x.tiles === 4);
+  c("loaded_workflow_keeps_values", v.tile_size === 768 && v.overlap === 96 && v.hasWidget, v);
+  c("loaded_workflow_drawn", s?.visible && s.tiles === 4 && s.pressed.join() === "768", s);
+
+  const ours = errors.filter((e) => PACK.test(e.text) || PACK.test(e.url));
+  c("no_console_error_from_pack", ours.length === 0, ours);
+  const oursHttp = failed.filter(([, u]) => PACK.test(u));
+  c("no_failed_request_from_pack", oursHttp.length === 0, oursHttp);
+  facts[`${renderer}_console_errors`] = errors.map((e) => e.text.slice(0, 160));
+  await ctx.close();
+  return wf;
+}
+
+async function main() {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"],
+  });
+  try {
+    let wf = null;
+    for (const [i, r] of RENDERERS.entries()) wf = await runRenderer(browser, r, i);
+    // without our JS a saved workflow keeps its values and queues the same prompt
+    await setSetting("Comfy.VueNodes.Enabled", false);
+    const { ctx, page } = await openPage(browser, { blockPackJs: true });
+    await page.evaluate(async (w) => { window.app.graph.clear(); await window.app.loadGraphData(w); }, wf);
+    const dec = wf.nodes.find((n) => n.type === "VAESuiteDecodeTiled").id;
+    const bv = await values(page, dec);
+    check("without_js_values_kept", bv.tile_size === 768 && bv.overlap === 96 && bv.tiling === "auto"
+      && !bv.hasWidget, bv);
+    const prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
+    const bi = prompt[String(dec)]?.inputs ?? {};
+    check("without_js_prompt_same", bi.tile_size === 768 && bi.overlap === 96, bi);
+    await ctx.close();
+  } finally {
+    await browser.close();
+  }
 }
 
 main().then(() => {

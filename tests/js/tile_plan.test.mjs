@@ -158,3 +158,19 @@ test("VAE family and downscale are guessed from loader file names", async () => 
   assert.deepEqual(guessVae("x.safetensors", "dc"), { family: "dc", downscale: 32, known: true });
   assert.deepEqual(guessVae("", "auto"), { family: "kl", downscale: 8, known: false });
 });
+
+test("the fix line's values are on the inputs' steps and need no further correction", async () => {
+  const { acceptedTiling, correctTiling: correct } = await import("../../web/lib/tile_plan.js");
+  // overlap 500 with tile 512: the Python side would use 248, which the overlap input (step 16) turns into
+  // 256, which does not fit again; the fix line writes 240
+  assert.deepEqual(acceptedTiling({ tileSize: 512, overlap: 500, downscale: 8 }), { tileSize: 512, overlap: 240 });
+  assert.deepEqual(acceptedTiling({ tileSize: 768, overlap: 500, downscale: 8 }), { tileSize: 768, overlap: 368 });
+  for (const [t, o, ds] of [[512, 500, 8], [1000, 700, 32], [70, 70, 8], [4096, 3000, 8], [640, 320, 32],
+    [96, 47, 8], [9000, 64, 16], [300, 1024, 32]]) {
+    const a = acceptedTiling({ tileSize: t, overlap: o, downscale: ds });
+    assert.equal((a.tileSize - 64) % 32, 0, `${t},${o},${ds}`);
+    assert.equal(a.overlap % 16, 0, `${t},${o},${ds}`);
+    const again = correct({ tileSize: a.tileSize, overlap: a.overlap, downscale: ds });
+    assert.equal(again.changed, false, `${t},${o},${ds}: ${JSON.stringify(a)} ${again.notes}`);
+  }
+});

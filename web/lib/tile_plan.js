@@ -228,3 +228,32 @@ export function guessVae(text = "", familyOverride = "auto") {
   if (/asym/.test(t)) return { family: "asym", downscale: 8, known: true };
   return { family: "kl", downscale: 8, known: t.length > 0 };
 }
+
+/** Input steps of the Python INT inputs (nodes/common.py tile_inputs); the live ones come from the node
+ * definition. */
+export const INPUT_STEPS = Object.freeze({ tileSize: 32, overlap: 16 });
+
+function snapDown(v, step, min) {
+  const s = Math.max(1, toInt(step, 1));
+  return min + Math.floor((v - min) / s) * s;
+}
+
+/**
+ * Values to write back when the current ones do not fit: corrected as the Python side corrects them AND on
+ * the inputs' step, so the frontend's INT inputs keep them as they are and the Python side uses them as
+ * they are (no second warning). -> { tileSize, overlap }
+ */
+export function acceptedTiling({ tileSize, overlap, downscale = DEFAULTS.downscale, limits = INPUT_LIMITS,
+  steps = INPUT_STEPS } = {}) {
+  const lim = { ...INPUT_LIMITS, ...(limits || {}) };
+  const st = { ...INPUT_STEPS, ...(steps || {}) };
+  let c = correctTiling({ tileSize, overlap, downscale, limits: lim });
+  for (let i = 0; i < 16; i++) {
+    const t = snapDown(c.tileSize, st.tileSize, lim.tileMin);
+    const o = Math.max(lim.overlapMin, snapDown(c.overlap, st.overlap, lim.overlapMin));
+    const next = correctTiling({ tileSize: t, overlap: o, downscale, limits: lim });
+    if (next.tileSize === t && next.overlap === o) return { tileSize: t, overlap: o };
+    c = next;
+  }
+  return { tileSize: c.tileSize, overlap: c.overlap };
+}
