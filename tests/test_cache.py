@@ -4,7 +4,6 @@ the reader and its sampler, and the Ray backend on a local instance against the 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil

@@ -101,7 +101,7 @@ class Plan:
     meta: dict = field(default_factory=dict)
 
 
-def make_plan(inputs, store: Store, vae_id: dict, settings: Settings, downscale: int) -> Plan:
+def make_plan(inputs, store: Store, vae_id: dict, settings: Settings) -> Plan:
     paths = im.list_images(inputs)
     root = Path(os.path.commonpath([p.parent for p in paths])) if paths else Path(".")
     buckets = bk.make_buckets(settings.resolution, settings.bucket_step, settings.max_aspect)
@@ -216,7 +216,7 @@ def build(inputs, vae: str, out, settings: Settings | None = None, *, family: st
     model = load_vae(vae, family=family, variant=variant, device=device or default_device(), dtype=DTYPES[vae_dtype])
     settings.check(model)
     store = Store(out, settings.shard_mb)
-    plan = make_plan(inputs, store, vae_identity(model, vae), settings, model.downscale)
+    plan = make_plan(inputs, store, vae_identity(model, vae), settings)
     store.commit(plan.errors)
     store.meta = {**plan.meta, "type": "meta"}
     t0 = time.perf_counter()

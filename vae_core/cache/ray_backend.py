@@ -78,7 +78,7 @@ def _run(ray, inputs, vae, out, settings, address, actors, family, variant, devi
     settings.check(model)
     vae_id = vae_identity(model, vae)
     store = Store(out, settings.shard_mb)
-    plan = make_plan(inputs, store, vae_id, settings, model.downscale)
+    plan = make_plan(inputs, store, vae_id, settings)
     del model
     store.commit(plan.errors)
     store.meta = {**plan.meta, "type": "meta"}
