@@ -99,6 +99,7 @@ class Plan:
     stale: int = 0
     errors: list[dict] = field(default_factory=list)      # error records found while planning
     meta: dict = field(default_factory=dict)
+    seconds: float = 0.0                                  # time to plan (hash, probe, bucket)
 
 
 def make_plan(inputs, store: Store, vae_id: dict, settings: Settings) -> Plan:
@@ -216,7 +217,9 @@ def build(inputs, vae: str, out, settings: Settings | None = None, *, family: st
     model = load_vae(vae, family=family, variant=variant, device=device or default_device(), dtype=DTYPES[vae_dtype])
     settings.check(model)
     store = Store(out, settings.shard_mb)
+    t_plan = time.perf_counter()
     plan = make_plan(inputs, store, vae_identity(model, vae), settings)
+    plan.seconds = time.perf_counter() - t_plan
     store.commit(plan.errors)
     store.meta = {**plan.meta, "type": "meta"}
     t0 = time.perf_counter()
@@ -247,9 +250,11 @@ def build(inputs, vae: str, out, settings: Settings | None = None, *, family: st
 
 def summary(store: Store, plan: Plan, done: int, failed: int, total: int, seconds: float, complete: bool) -> dict:
     """``encoded``: images written this run; ``to_do``: images this run had to encode; ``errors``: unreadable
-    images in the index; ``fresh``/``stale``: images found cached, up to date / out of date."""
+    images in the index; ``fresh``/``stale``: images found cached, up to date / out of date; ``plan_seconds``:
+    hashing and probing; ``seconds``: decoding, encoding and writing."""
     return {"folder": str(store.folder), "encoded": done - failed, "to_do": total, "fresh": plan.fresh, "stale": plan.stale,
-            "errors": len(store.errors), "entries": len(store.entries), "seconds": seconds, "complete": complete,
+            "errors": len(store.errors), "entries": len(store.entries), "plan_seconds": plan.seconds, "seconds": seconds,
+            "complete": complete,
             "images_per_s": (done - failed) / seconds if seconds > 0 else 0.0}
 
 

@@ -78,7 +78,9 @@ def _run(ray, inputs, vae, out, settings, address, actors, family, variant, devi
     settings.check(model)
     vae_id = vae_identity(model, vae)
     store = Store(out, settings.shard_mb)
+    t_plan = time.perf_counter()
     plan = make_plan(inputs, store, vae_id, settings)
+    plan.seconds = time.perf_counter() - t_plan
     del model
     store.commit(plan.errors)
     store.meta = {**plan.meta, "type": "meta"}
