@@ -8,7 +8,8 @@ the plain loop runs diffusers itself and vae_core loads the same folder:
 The plain loop is what training scripts do: one image at a time, PIL open + EXIF transpose + resize + crop (to the
 bucket the cache picks, so the work is the same), ``vae.encode(x)`` with diffusers, one ``.npz`` per image. The
 backends run ``cache.build`` / ``build_ray`` (a local Ray instance) into fresh folders. images/s excludes loading
-the VAE and starting Ray for every method (Ray's actor start, VAE load included, is inside its time).
+the VAE and starting Ray for every method (Ray's actor start, VAE load included, is inside its time). The three
+run interleaved for ``--rounds`` rounds in a rotating order; each figure is the method's median.
 Ratios: local / plain loop (target >= 2), Ray / local (target >= 0.85).
 
     .venv/bin/python bench/bench_cache.py                      # CPU, both VAEs
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +78,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ray-cpus", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median of each method is used")
     args = ap.parse_args()
 
     import numpy as np
@@ -96,27 +99,36 @@ def main() -> None:
             res = args.resolution if kind == "tiny" else max(64, args.resolution // 2 // 64 * 64)
             settings = cache.Settings(resolution=res, bucket_step=64, dtype="fp32", batch_size=args.batch_size,
                                       workers=args.workers)
-            local = cache.build([images], str(folder), tmp / f"local_{kind}", settings, device=args.device)
-            items = [e for e in cache.open(tmp / f"local_{kind}").entries]
-            loop_s = plain_loop(ref, kind, items, tmp / f"npz_{kind}", args.device)
-            del ref
-            t = time.perf_counter()
-            ray = build_ray([images], str(folder), tmp / f"ray_{kind}", settings, num_cpus=args.ray_cpus,
-                            device=args.device)
-            ray_wall = time.perf_counter() - t
-            n = len(items)
-            loop_ips = n / loop_s
-            local_ips = n / (local["plan_seconds"] + local["seconds"])
-            ray_ips = n / (ray["plan_seconds"] + ray["seconds"])
-            rows.append(dict(vae=kind, images=n, resolution=res, plain_loop_ips=loop_ips, local_ips=local_ips,
-                             ray_ips=ray_ips, ray_wall_with_init_s=ray_wall, local_vs_loop=local_ips / loop_ips,
-                             ray_vs_local=ray_ips / local_ips))
+            times: dict[str, list[float]] = {"loop": [], "local": [], "ray": []}
+            for r in range(args.rounds):  # interleaved, the order rotating: the machine drifts between methods
+                for method in ("local", "loop", "ray")[r % 3:] + ("local", "loop", "ray")[:r % 3]:
+                    dest = tmp / f"{method}_{kind}_{r}"
+                    if method == "local":
+                        s = cache.build([images], str(folder), dest, settings, device=args.device)
+                        times["local"].append(s["plan_seconds"] + s["seconds"])
+                        first = dest
+                    elif method == "ray":
+                        s = build_ray([images], str(folder), dest, settings, num_cpus=args.ray_cpus,
+                                      device=args.device)
+                        times["ray"].append(s["plan_seconds"] + s["seconds"])
+                    else:
+                        if not (tmp / f"local_{kind}_0").is_dir():
+                            cache.build([images], str(folder), tmp / f"local_{kind}_0", settings, device=args.device)
+                        items = cache.open(tmp / f"local_{kind}_0").entries
+                        times["loop"].append(plain_loop(ref, kind, items, dest, args.device))
+                        npz = dest
+            n = len(cache.open(first))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            loop_ips, local_ips, ray_ips = n / med["loop"], n / med["local"], n / med["ray"]
+            rows.append(dict(vae=kind, images=n, resolution=res, rounds=args.rounds, plain_loop_ips=loop_ips,
+                             local_ips=local_ips, ray_ips=ray_ips, local_vs_loop=local_ips / loop_ips,
+                             ray_vs_local=ray_ips / local_ips, seconds={k: [round(x, 2) for x in v] for k, v in times.items()}))
             print(json.dumps(rows[-1]), flush=True)
             # the plain loop and the backends computed the same latents (diffusers' AutoencoderTiny returns scaled
             # latents; the cache holds raw ones)
-            ds = cache.open(tmp / f"local_{kind}")
+            ds = cache.open(first)
             sf, shift = (ds.meta["vae"]["scaling_factor"], ds.meta["vae"]["shift_factor"]) if kind == "tiny" else (1, 0)
-            worst = max(float((torch.from_numpy(np.load(tmp / f"npz_{kind}" / f"{i:06d}.npz")["latents"]) / sf + shift
+            worst = max(float((torch.from_numpy(np.load(npz / f"{i:06d}.npz")["latents"]) / sf + shift
                                - ds[i]["latent"]).abs().max()) for i in range(0, n, max(1, n // 10)))
             print(f"  {kind}: max |plain loop - cache| over sampled entries {worst:.2e}", flush=True)
     print(f"\n{'VAE':6} {'images':>6} {'bucket area':>11} {'plain loop':>11} {'local':>8} {'Ray':>8} "
