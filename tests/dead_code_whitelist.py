@@ -16,3 +16,5 @@ _tile_plan, _search_aliases
 # public API of vae_core (README "Python API"), used by scripts and other packs
 _.decode_diffusion
 pack_2x2
+# the latent cache: the sampler protocol trainers call each epoch, and Ray Data's context options it sets
+_.set_epoch, _.enable_progress_bars, _.print_on_execution_start
