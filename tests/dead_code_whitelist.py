@@ -15,6 +15,7 @@ _.forward
 _tile_plan, _search_aliases
 # public API of vae_core (README "Python API"), used by scripts and other packs
 _.decode_diffusion
+_.scale_latents, _.unscale_latents  # AutoencoderTiny's 8-bit latent storage, as diffusers has it
 pack_2x2
 # the latent cache: the sampler protocol trainers call each epoch, and Ray Data's context options it sets
 _.set_epoch, _.enable_progress_bars, _.print_on_execution_start

@@ -197,6 +197,8 @@ class AutoencoderTiny(nn.Module):
                            f"{self.decoder.upscale}x: the two halves are from different models")
         self.latent_channels = lat
         self.downscale = self.encoder.downscale if self.encoder is not None else self.decoder.upscale
+        self.latent_magnitude = float(cfg["latent_magnitude"])
+        self.latent_shift = float(cfg["latent_shift"])
 
     def describe(self, direction: str, skip_upsamples: int = 0):
         if direction == "encode":
@@ -211,6 +213,15 @@ class AutoencoderTiny(nn.Module):
         if not 0 <= skip_upsamples <= self.decoder.upsamples:
             raise VAEError(f"this TAESD decoder has {self.decoder.upsamples} upsamplings; cannot skip {skip_upsamples}")
         return Chain(self.decoder.describe(skip_upsamples)).eager(z, False, EagerContext())
+
+    # 8-bit latent storage, as TAESD's PNG latents and diffusers' forward() use it
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """diffusion-space latent -> [0, 1]"""
+        return z.div(2 * self.latent_magnitude).add(self.latent_shift).clamp(0, 1)
+
+    def unscale_latents(self, u: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> diffusion-space latent"""
+        return u.sub(self.latent_shift).mul(2 * self.latent_magnitude)
 
 
 # --------------------------------------------------------------------------------------------------
