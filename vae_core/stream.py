@@ -252,7 +252,7 @@ class Custom:
     run: Callable
     tiles: Callable
     allocs: tuple[tuple[str, Buf], ...] = ()
-    work: Callable | None = None  # work(ctx, tile_px, untiled) -> device bytes per tile (estimates)
+    work: Callable | None = None  # work(ctx, tile_px) -> device bytes per tile (estimates)
     inplace: str | None = None  # the input buffer whose storage the output takes over (set by the compiler)
     reads: tuple[str, ...] = ()
     core_only: str | None = None  # the input it reads only at each output tile's own core (may be taken over)
@@ -487,10 +487,8 @@ def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
             store.buffers[out].write(r, y)
             ctx.tick()
 
-    def work(ctx, tile_px, untiled=False):
+    def work(ctx, tile_px):
         total = math.prod(ctx.hw(xbuf))
-        if untiled:  # ops.Attention.eager: tokens, q, k, v, out, plus a BLOCK x all-keys score block
-            return 4 * (total * c * 6 + min(total, block_max) * total)
         n = min(max(1, round(tile_px / xbuf.d)) ** 2, total)
         block = min(n, block_max)
         kb = min(total, max(block, ctx.hw(xbuf)[1]))
@@ -554,7 +552,7 @@ class Compiler:
         if isinstance(layer, ops.Residual):
             x = self.stored(v)
             main = self.value(layer.main, Lazy(x.name, x.buf))
-            out = self.stored_sum([main, Lazy(x.name, x.buf, list(layer.skip.layers))])
+            out = self.sweep([main, Lazy(x.name, x.buf, list(layer.skip.layers))])
             return self.extend(out, layer.post) if layer.post is not None else out
         if isinstance(layer, ops.Norm):
             x = self.with_stats(v)
@@ -602,9 +600,6 @@ class Compiler:
             self.stats_done.add(x.name)
         self.stats_read.add(x.name)
         return x
-
-    def stored_sum(self, values: list[Lazy]) -> Lazy:
-        return self.sweep(values)
 
     def sweep(self, values: list[Lazy], dst: str | None = None, buf: Buf | None = None, combine=None,
               branches=None) -> Lazy:

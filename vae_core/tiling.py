@@ -294,15 +294,34 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
     """
     model = getattr(vae_or_model, "model", vae_or_model)
     family = family or getattr(vae_or_model, "family", None)
-    program = stream_program(model, family, direction, tile_px=tiling.tile_size if tiling else 512)
-    if program is None:
+    if _half(model, direction) is None:
         return {"device_bytes": None, "store_bytes": None, "work_bytes": None, "tiles": None}
     hw = tuple(int(v) for v in image_hw)
-    tile_px = tiling.tile_size if tiling is not None else max(hw)
-    runner = stream.Runner(program, hw, tile_px, None, "meta", dtype)
-    runner.batch = batch
     es = _bytes(dtype)
-    tiled = tiling is not None
+    cpu = getattr(getattr(vae_or_model, "device", None), "type", "cpu") == "cpu"
+    store_peak, tiles = None, 1
+    if tiling is None:  # the untiled forward: its description run on shapes
+        f = model.downscale
+        c, hw_in = (model.latent_channels, (hw[0] // f, hw[1] // f)) if direction == "decode" else (3, hw)
+        work_peak = eager_peak(ops.Chain(model.describe(direction)), c, hw_in)[2] * batch * es
+    else:
+        work_peak, store_peak, tiles = _tiled_peaks(model, family, direction, hw, tiling, es, batch, dtype)
+    device = work_peak
+    if cpu:
+        device = work_peak * (CPU_FACTOR if tiling is None else CPU_TILE_FACTOR)
+        if direction == "decode":
+            device += CPU_DECODER_WEIGHTS * _conv_weight_elements(_half(model, direction)) * es
+    if tiling is not None and tiling.store == "device":
+        device += store_peak
+    return {"device_bytes": int(device), "store_bytes": None if store_peak is None else int(store_peak),
+            "work_bytes": int(work_peak), "tiles": tiles}
+
+
+def _tiled_peaks(model, family, direction, hw, tiling: Tiling, es: int, batch: int, dtype) -> tuple[int, int, int]:
+    """(one tile's working set, the store's peak, tile count) of the compiled program, in bytes."""
+    program = stream_program(model, family, direction, tile_px=tiling.tile_size)
+    runner = stream.Runner(program, hw, tiling.tile_size, None, "meta", dtype)
+    runner.batch = batch
     live, store_peak, work_peak = 0, 0, 0
     sizes = {}
     for s in program.steps:
@@ -313,8 +332,7 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
             elif s.inplace is not None:
                 sizes[s.dst] = sizes.pop(s.inplace, 0)
             store_peak = max(store_peak, live)
-            tiles = runner.tiles(s.out)
-            biggest = max(tiles, key=lambda r: r.h * r.w)
+            biggest = max(runner.tiles(s.out), key=lambda r: r.h * r.w)
             work_peak = max(work_peak, _sweep_work(runner, s, biggest, batch) * es)
         elif isinstance(s, stream.Custom):
             for name, buf in s.allocs:
@@ -325,24 +343,11 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
                     live += sizes[name]
             store_peak = max(store_peak, live)
             if s.work is not None:
-                work_peak = max(work_peak, s.work(runner, tile_px, not tiled) * batch * es // 4)
+                work_peak = max(work_peak, s.work(runner, tiling.tile_size) * batch * es // 4)
         elif isinstance(s, stream.Free):
             for n in s.names:
                 live -= sizes.pop(n, 0)
-    cpu = getattr(getattr(vae_or_model, "device", None), "type", "cpu") == "cpu"
-    if not tiled:  # the untiled forward: its description run on shapes
-        f = model.downscale
-        c, hw_in = (model.latent_channels, (hw[0] // f, hw[1] // f)) if direction == "decode" else (3, hw)
-        work_peak = eager_peak(ops.Chain(model.describe(direction)), c, hw_in)[2] * batch * es
-    device = work_peak
-    if cpu:
-        device = work_peak * (CPU_TILE_FACTOR if tiled else CPU_FACTOR)
-        if direction == "decode":
-            device += CPU_DECODER_WEIGHTS * _conv_weight_elements(_half(model, direction)) * es
-    if tiled and tiling.store == "device":
-        device += store_peak
-    return {"device_bytes": int(device), "store_bytes": int(store_peak), "work_bytes": int(work_peak),
-            "tiles": runner.total}
+    return work_peak, store_peak, runner.total
 
 
 def estimate_memory(vae, direction: str, image_hw, tiling: Tiling | None, dtype=torch.float32, batch: int = 1) -> int:
