@@ -34,6 +34,7 @@ Public API:
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ from typing import Any
 
 import torch
 
-from . import ops, registry, stream
-from .errors import VAEError
+from . import memory, ops, registry, stream
+from .errors import VAEError, VAEInterrupted
 from .ops import Chain
 
 STORES = ("auto", "ram", "disk", "device")
@@ -51,8 +52,12 @@ AUTO_FRACTION = 0.8
 # On CPU, the 'auto' store spills to disk when the stored activations would exceed this fraction of free RAM.
 RAM_STORE_FRACTION = 0.25
 MIN_TILE = 32
+# The out-of-memory fallback halves the tile down to this edge, then gives up.
+FALLBACK_MIN_TILE = 128
 # The nodes' INT inputs (nodes/common.py) and the widget (web/lib/tile_plan.js) correct within these limits.
 NODE_TILE_MIN, NODE_TILE_MAX = 64, 4096
+
+log = logging.getLogger("vae_core")
 
 
 @dataclass(frozen=True)
@@ -129,10 +134,7 @@ def _image_hw(vae, direction, shape) -> tuple[int, int]:
 
 
 def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-    return psutil.virtual_memory().available
+    return memory.available(device)
 
 
 def resolve(vae, fn_name, shape, tile, dtype):
@@ -209,6 +211,137 @@ def run(vae, model, fn_name, x, plan: Plan, progress, should_stop, **kw):
             return mean, logvar
         return out, None
     return out
+
+
+# ================================================================================================ out of memory
+def execute(vae, model, fn_name, x, tile, progress=None, should_stop=None, **kw):
+    """Run ``model.<fn_name>(x)`` the way ``tile`` asks, and never lose the run to an allocation failure.
+
+    The first attempt is ``resolve``'s plan, the batch cut into slices when the estimate says a whole batch does
+    not fit. When an attempt fails to allocate (``memory.is_oom``), what it held is released and the run is
+    retried smaller: fewer items per slice; then tiled, with the largest tile whose estimate fits the memory
+    the process can really use (``memory.available``: free RAM, cgroup and rlimit room, the device's free
+    memory), moving the stored activations to the disk store when host memory ran out; then the tile halved,
+    until a ``FALLBACK_MIN_TILE`` tile fails too and a ``VAEError`` says what the estimate needed and what to
+    try. Tiling is exact, so every retry returns the untiled result. One warning says what was done.
+    """
+    direction = _direction(fn_name)
+    shape = tuple(x.shape)
+    hw, batch, dtype = _image_hw(vae, direction, shape), shape[0], x.dtype
+    plan = resolve(vae, fn_name, shape, tile, dtype)
+    items = _slice_items(vae, direction, hw, plan, dtype, batch)
+    failed = []
+    while True:
+        host = None
+        try:
+            out = _sliced(vae, model, fn_name, x, plan, items, progress, should_stop, kw)
+        except Exception as e:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
+            if not memory.is_oom(e):
+                raise
+            host = memory.host_ran_out(e, x.device)
+        if host is None:
+            break
+        # outside the handler: the traceback and the tensors its frames held are gone
+        memory.release(x.device)
+        failed.append(_describe(plan, items, batch))
+        if should_stop is not None and should_stop():
+            raise VAEInterrupted(f"{direction} cancelled between retries")
+        nxt = _smaller(vae, direction, hw, plan, items, host, dtype, batch)
+        if nxt is None:
+            raise VAEError(_oom_message(vae, direction, hw, batch, dtype, failed, host))
+        plan, items = nxt
+    if failed:
+        log.warning("vae_core: %s of %dx%d (batch %d) ran out of memory with %s; it succeeded with %s (the result "
+                    "equals the untiled one)", direction, hw[1], hw[0], batch, ", then ".join(failed),
+                    _describe(plan, items, batch))
+    return out
+
+
+def _describe(plan: Plan | None, items: int, batch: int) -> str:
+    what = "untiled" if plan is None else f"{plan.tiling.tile_size} px tiles, {plan.store} store"
+    return what + (f", {items} item(s) at a time" if items < batch else "")
+
+
+def _slice_items(vae, direction, hw, plan: Plan | None, dtype, batch: int) -> int:
+    """Items per run: the whole batch when its estimate fits free memory, else as many as fit (at least 1)."""
+    if batch == 1:
+        return 1
+    need = estimate_memory(vae, direction, hw, None if plan is None else plan.tiling, dtype, batch=batch)
+    room = AUTO_FRACTION * _free_bytes(vae.device)
+    if need <= room:
+        return batch
+    one = estimate_memory(vae, direction, hw, None if plan is None else plan.tiling, dtype, batch=1)
+    return max(1, min(batch, int(room // max(one, 1))))
+
+
+def _smaller(vae, direction, hw, plan: Plan | None, items: int, host: bool, dtype, batch: int):
+    """The next, smaller attempt after a failure -> (plan, items), or None when a FALLBACK_MIN_TILE tile failed."""
+    if items > 1:
+        return plan, items // 2
+    if _half(vae.model, direction) is None:
+        return None
+    biggest = max(hw)
+    if plan is None:  # the largest default-or-smaller tile that is a real split and that the estimate says fits
+        size = Tiling().tile_size
+        while size >= biggest:
+            size //= 2
+        room = AUTO_FRACTION * _free_bytes(vae.device)
+        while size > FALLBACK_MIN_TILE and estimate_memory(vae, direction, hw, Tiling(size, 0), dtype) > room:
+            size //= 2
+        store = "disk" if host else ("ram" if vae.device.type == "cuda" else "disk")
+    else:
+        if plan.tiling.tile_size <= FALLBACK_MIN_TILE:
+            return None
+        size = plan.tiling.tile_size // 2
+        store = "disk" if host else ("ram" if plan.store == "device" else plan.store)
+    size = max(size, FALLBACK_MIN_TILE)
+    if size >= biggest:
+        return None
+    size, lap, _ = correct_tiling(size, 0, vae.downscale)
+    return Plan(Tiling(size, lap, store), store, hw), 1
+
+
+def _oom_message(vae, direction, hw, batch, dtype, failed, host) -> str:
+    gib = 1 << 30
+    untiled = estimate_memory(vae, direction, hw, None, dtype, batch=batch) / gib
+    smallest = estimate_memory(vae, direction, hw, Tiling(FALLBACK_MIN_TILE, 0, "disk"), dtype) / gib
+    where = "host memory" if host else f"{vae.device} memory"
+    return (f"the {vae.family} VAE ran out of {where} for a {direction} of {hw[1]}x{hw[0]} (batch {batch}), even in "
+            f"{FALLBACK_MIN_TILE} px tiles with the disk store (tried: {'; '.join(failed)}). By vae_core's estimate "
+            f"the untiled run needs {untiled:.2f} GiB and one {FALLBACK_MIN_TILE} px tile {smallest:.2f} GiB; "
+            f"{_free_bytes(vae.device) / gib:.2f} GiB is available now. Try: a smaller batch, freeing memory (unload "
+            f"other models, close other programs), a bf16/fp16 VAE{'' if vae.device.type == 'cpu' else ', or the CPU'}. "
+            f"Nothing upstream is lost: the "
+            f"{'LATENT' if direction == 'decode' else 'IMAGE'} can still be saved and {direction}d later.")
+
+
+def _sliced(vae, model, fn_name, x, plan: Plan | None, items: int, progress, should_stop, kw):
+    batch = x.shape[0]
+    if items >= batch:
+        return _once(vae, model, fn_name, x, plan, progress, should_stop, kw)
+    starts = range(0, batch, items)
+    out = None
+    for k, i in enumerate(starts):
+        part = {n: (v[i:i + items] if isinstance(v, torch.Tensor) and v.shape[0] == batch else v) for n, v in kw.items()}
+        step = None if progress is None else (lambda d, t, k=k: progress(k * t + d, len(starts) * t))
+        res = _once(vae, model, fn_name, x[i:i + items], plan, step, should_stop, part)
+        res = res if isinstance(res, tuple) else (res,)
+        if out is None:
+            out = tuple(None if r is None else r.new_empty((batch, *r.shape[1:])) for r in res)
+        for o, r in zip(out, res):
+            if o is not None:
+                o[i:i + items] = r
+        del res
+    return out if len(out) > 1 else out[0]
+
+
+def _once(vae, model, fn_name, x, plan: Plan | None, progress, should_stop, kw):
+    if plan is None:
+        out = getattr(model, fn_name)(x, **kw)
+        if progress is not None:
+            progress(1, 1)
+        return out
+    return run(vae, model, fn_name, x, plan, progress, should_stop, **kw)
 
 
 # ================================================================================================ estimates

@@ -113,14 +113,8 @@ class VAE:
             dtype = next(model.parameters()).dtype
             xin = x.to(self.device, dtype)
             kw_in = {k: (v.to(self.device, dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-            plan = tiling.resolve(self, fn_name, tuple(xin.shape), tile, dtype)
             with torch.inference_mode():
-                if plan is None:
-                    out = getattr(model, fn_name)(xin, **kw_in)
-                    if progress is not None:
-                        progress(1, 1)
-                else:
-                    out = tiling.run(self, model, fn_name, xin, plan, progress, should_stop, **kw_in)
+                out = tiling.execute(self, model, fn_name, xin, tile, progress, should_stop, **kw_in)
             tensors = out if isinstance(out, tuple) else (out,)
             if all(t is None or bool(torch.isfinite(t).all()) for t in tensors) or dtype != torch.float16:
                 return out
