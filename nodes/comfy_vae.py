@@ -26,6 +26,7 @@ import comfy.sd
 
 from ..vae_core import VAE as CoreVAE
 from ..vae_core import VAEError
+from .common import clean_errors, comfy_progress
 
 log = logging.getLogger("vae_suite")
 
@@ -53,11 +54,17 @@ class CoreAdapter(nn.Module):
         self.core.device, self.core.dtype = p.device, p.dtype
         return self.core
 
+    # Untiled, as core asks (it tiles with its own nodes); vae_core still retries in exact tiles when memory runs
+    # out, with the host's progress bar and Cancel, before core's own (inexact) tiled fallback would.
+    @clean_errors
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._sync().encode(x, tile=False)
+        progress, should_stop = comfy_progress()
+        return self._sync().encode(x, tile=False, progress=progress, should_stop=should_stop)
 
+    @clean_errors
     def decode(self, z: torch.Tensor, **kw) -> torch.Tensor:
-        return self._sync().decode(z, tile=False, **kw)
+        progress, should_stop = comfy_progress()
+        return self._sync().decode(z, tile=False, progress=progress, should_stop=should_stop, **kw)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - ComfyUI never calls forward
         return self.decode(z)

@@ -19,7 +19,7 @@ def tile_inputs(default_mode: str = "auto") -> dict:
     return {
         "tiling": (TILE_MODES, {"default": default_mode, "tooltip":
                    "auto: tile only when the untiled run would not fit in free memory; always: tile with the "
-                   "sizes below; never: one pass (may run out of memory on large images)."}),
+                   "sizes below; never: one pass. In every mode a run that runs out of memory is retried in exact tiles."}),
         "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip":
                       "Tile edge in image pixels (used when tiling is 'always', and as the upper bound in 'auto')."}),
         "overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 16, "tooltip":
