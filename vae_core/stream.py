@@ -502,10 +502,12 @@ def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
 # ================================================================================================ compiler
 @dataclass
 class Lazy:
-    """A value during compilation: ``layers`` (local, not yet run) applied to the stored buffer ``name``."""
+    """A value during compilation: ``layers`` (local, not yet run) applied to the stored buffer ``name``.
+    ``stats``: the key under which this value's own statistics are known (it is recomputed, never stored)."""
     name: str
     buf: Buf
     layers: list = field(default_factory=list)
+    stats: str | None = None
 
 
 class Compiler:
@@ -550,11 +552,14 @@ class Compiler:
         if layer.local:
             return self.extend(v, layer)
         if isinstance(layer, ops.Residual):
-            x = self.stored(v)
-            main = self.value(layer.main, Lazy(x.name, x.buf))
-            out = self.sweep([main, Lazy(x.name, x.buf, list(layer.skip.layers))])
+            x = self.recomputed(v) if Chain(v.layers).scale > 1 else self.stored(v)
+            main = self.value(layer.main, x)
+            out = self.sweep([main, Lazy(x.name, x.buf, x.layers + list(layer.skip.layers))])
             return self.extend(out, layer.post) if layer.post is not None else out
         if isinstance(layer, ops.Norm):
+            if v.stats is not None:
+                self.stats_read.add(v.stats)
+                return Lazy(v.name, v.buf, v.layers + [Affine(layer.norm, v.stats, layer.act)])
             x = self.with_stats(v)
             return Lazy(x.name, x.buf, [Affine(layer.norm, x.name, layer.act)])
         if isinstance(layer, ops.Attention):
@@ -592,6 +597,14 @@ class Compiler:
         if not v.layers:
             return v
         return self.sweep([v])
+
+    def recomputed(self, v: Lazy) -> Lazy:
+        """An upsampled value entering a residual block: instead of storing it (at the higher resolution), one
+        sweep takes its statistics and both branches recompute it per tile from the smaller stored input."""
+        key = self.name("stats")
+        self.p.steps.append(Sweep([(v.name, Chain(v.layers))], None, self.out_buf(v), stats=key))
+        self.stats_done.add(key)
+        return Lazy(v.name, v.buf, list(v.layers), stats=key)
 
     def with_stats(self, v: Lazy) -> Lazy:
         x = self.stored(v)
