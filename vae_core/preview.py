@@ -5,7 +5,9 @@ capped in size, the picture, a rate limit, and a cache of loaded decoders. No Co
 A sampler's x0 is in its model's space (after ComfyUI's ``latent_format.process_in``). It is mapped back with
 ``process_out`` to the raw latents of the full VAE, and the TAESD VAE applies its variant's own scaling: right for
 every format, including SDXL-Playground-2.5 whose ``process_in`` is not the SDXL scale. ComfyUI's FLUX.2 latents
-are 2x2-patchified (128 channels): they are unpacked to the 32 channels TAEF2 decodes.
+are 2x2-patchified (128 channels) and already normalised by the FLUX.2 VAE's BatchNorm statistics: they are only
+unpacked to the 32 channels TAEF2 decodes, because TAEF2 works in that normalised space (not on the FLUX.2 VAE's
+raw pre-BatchNorm latent; README "FLUX.2", measured in tests/test_flux2.py).
 """
 from __future__ import annotations
 
@@ -69,18 +71,12 @@ def pack_2x2(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(b, c, hh // 2, 2, ww // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, hh // 2, ww // 2)
 
 
-def x0_to_raw(x0: torch.Tensor, latent_format: Any, latent_channels: int, full_vae=None) -> torch.Tensor:
-    """The sampler's x0 (model space) of the first batch item -> raw VAE latents with ``latent_channels``.
-
-    FLUX.2's x0 (ComfyUI's LATENT) is patchified *and* normalised by the FLUX.2 VAE's BatchNorm statistics, while
-    TAEF2 decodes raw latents: ``full_vae`` (a vae_core FLUX.2 VAE) undoes both exactly. Without it the statistics
-    are unknown and the latent is only unpatchified (a preview with shifted colours and contrast)."""
+def x0_to_raw(x0: torch.Tensor, latent_format: Any, latent_channels: int) -> torch.Tensor:
+    """The sampler's x0 (model space) of the first batch item -> raw VAE latents with ``latent_channels``."""
     z = x0[:1]
     if latent_format is not None:
         z = latent_format.process_out(z)
     if z.ndim == 4 and z.shape[1] == 4 * latent_channels:  # patchified (FLUX.2)
-        if full_vae is not None and getattr(full_vae, "diffusion_channels", None) == z.shape[1]:
-            return full_vae.from_diffusion(z.to(full_vae.device, torch.float32))
         z = unpack_2x2(z)
     return z
 
