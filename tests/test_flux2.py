@@ -211,6 +211,28 @@ def test_tiled_equals_untiled_off_grid(tmp_path):
     tiled = vae.decode_diffusion(d, tile=tiling.Tiling(72, 8))
     assert full.shape[-2:] == (240, 176)
     assert maxdiff(tiled, full) <= 1e-3
+    assert maxdiff(vae.decode_diffusion(d), full) <= 1e-3  # auto mode (the memory estimate) runs for flux2 too
+
+
+def test_out_of_memory_retries_in_exact_tiles(tmp_path, monkeypatch, caplog):
+    """An allocation failure in the untiled decode of a FLUX.2 LATENT is retried in exact tiles (tiling.execute)."""
+    ref = flux2_reference(6, **SMALL)
+    ref.save_pretrained(tmp_path / "small")
+    vae = load_vae(str(tmp_path / "small"))
+    d = vae.encode_diffusion(images(1, 240, 176, seed=8), tile=False)
+    want = vae.decode_diffusion(d, tile=False)
+    real, plans = tiling._sliced, []
+
+    def failing(vae_, model, fn_name, x, plan, *a):
+        plans.append(plan)
+        if plan is None:
+            raise MemoryError("simulated: the untiled decode does not fit")
+        return real(vae_, model, fn_name, x, plan, *a)
+
+    monkeypatch.setattr(tiling, "_sliced", failing)
+    got = vae.decode_diffusion(d, tile=False)
+    assert plans[0] is None and plans[-1] is not None and "ran out of memory" in caplog.text
+    assert maxdiff(got, want) <= 1e-3
 
 
 # -------------------------------------------------------------------------------------------- preview
