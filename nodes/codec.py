@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ..vae_core import VAEError
-from .common import (CATEGORY, clean_errors, comfy_progress, run_info, image_from_core, image_to_core, latent_samples,
-                     mask_to_core, tile_inputs, tile_option)
+from .common import (CATEGORY, clean_errors, comfy_progress, decode_latent, encode_latent, image_from_core, image_to_core,
+                     latent_downscale, latent_samples, mask_to_core, run_info, tile_inputs, tile_option)
 
 
 @contextlib.contextmanager
@@ -42,7 +42,8 @@ class VAESuiteEncode:
     CATEGORY = CATEGORY
     SEARCH_ALIASES = ["vae encode", "tiled vae encode", "encode tiled", "image to latent", "inpaint encode"]
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Raw VAE-space latent (as core VAE Encode gives), with noise_mask when a mask is given.",)
+    OUTPUT_TOOLTIPS = ("The LATENT core VAE Encode gives (raw VAE-space; for FLUX.2 the patchified, normalised "
+                       "128-channel latent), with noise_mask when a mask is given.",)
     FUNCTION = "encode"
 
     @classmethod
@@ -76,10 +77,10 @@ class VAESuiteEncode:
             m = None  # nothing to inpaint (e.g. LoadImage's mask of an image without alpha): a plain latent
         gen = torch.Generator("cpu").manual_seed(int(seed)) if latent == "sample" else None
         with running(vae, tiling, tile_size, overlap) as (core, run):
-            z = core.encode(x, sample=latent == "sample", generator=gen, **run)
+            z = encode_latent(core, x, sample=latent == "sample", generator=gen, **run)
         out = {"samples": z.float().to(mm.intermediate_device())}
         if m is not None:
-            f = core.downscale
+            f = latent_downscale(core)
             ph, pw = (-h) % f, (-w) % f
             if ph or pw:  # the latent covers the padded image
                 m = F.pad(m, (0, pw, 0, ph), mode="replicate")
@@ -103,7 +104,8 @@ class VAESuiteDecodeTiled:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "samples": ("LATENT", {"tooltip": "The latent to decode (raw VAE-space, as samplers output it)."}),
+                "samples": ("LATENT", {"tooltip": "The latent to decode, as samplers output it (raw VAE-space; FLUX.2: "
+                                    "its 128-channel diffusion-space latent)."}),
                 "vae": ("VAE", {"tooltip": "The VAE to decode with (VAE Suite Load VAE, or a core loader's VAE)."}),
                 **tile_inputs(),
             },
@@ -113,7 +115,7 @@ class VAESuiteDecodeTiled:
     def decode(self, samples, vae, tiling="auto", tile_size=512, overlap=64):
         z = latent_samples(samples)
         with running(vae, tiling, tile_size, overlap) as (core, run):
-            images = core.decode(z, **run)
+            images = decode_latent(core, z, **run)
         return {"ui": run_info(core, *images.shape[-2:]), "result": (image_from_core(images),)}
 
 

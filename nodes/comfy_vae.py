@@ -5,7 +5,8 @@ member this ComfyUI version defines exists), then every member the core nodes an
 for the vae_core model:
 
 - ``first_stage_model`` is ``CoreAdapter``, an ``nn.Module`` holding the vae_core network as a submodule, so the
-  ``ModelPatcher`` moves its weights; its ``encode(x in [-1,1])`` returns raw latents and ``decode(z)`` returns
+  ``ModelPatcher`` moves its weights; its ``encode(x in [-1,1])`` returns ComfyUI's LATENT (raw latents; for
+  FLUX.2 the diffusion-space latent, as core's own FLUX.2 VAE gives) and ``decode(z)`` returns
   images in [-1,1], which is what ``comfy.sd.VAE.encode/decode/*_tiled_`` call with ``process_input/output``
   around them.
 - ``patcher`` is a ``ModelPatcher`` over it, so ``load_models_gpu`` loads and offloads it like a core VAE.
@@ -26,7 +27,7 @@ import comfy.sd
 
 from ..vae_core import VAE as CoreVAE
 from ..vae_core import VAEError
-from .common import clean_errors, comfy_progress
+from .common import clean_errors, comfy_progress, decode_latent, encode_latent, latent_channels, latent_downscale
 
 log = logging.getLogger("vae_suite")
 
@@ -35,13 +36,14 @@ def memory_estimate(core: CoreVAE, direction: str, shape, dtype) -> float:
     own estimate, the same the tile widget shows and auto tiling uses."""
     from ..vae_core import tiling
 
-    f = core.downscale
+    f = latent_downscale(core)
     hw = (shape[-2] * f, shape[-1] * f) if direction == "decode" else (shape[-2], shape[-1])
     return float(tiling.estimate_memory(core, direction, hw, None, dtype))
 
 
 class CoreAdapter(nn.Module):
-    """What ``comfy.sd.VAE`` calls ``first_stage_model``: raw latents in and out, images in [-1, 1]."""
+    """What ``comfy.sd.VAE`` calls ``first_stage_model``: ComfyUI's LATENT in and out (raw latents; FLUX.2's
+    diffusion-space latent), images in [-1, 1]."""
 
     def __init__(self, core: CoreVAE):
         super().__init__()
@@ -59,12 +61,12 @@ class CoreAdapter(nn.Module):
     @clean_errors
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         progress, should_stop = comfy_progress()
-        return self._sync().encode(x, tile=False, progress=progress, should_stop=should_stop)
+        return encode_latent(self._sync(), x, tile=False, progress=progress, should_stop=should_stop)
 
     @clean_errors
     def decode(self, z: torch.Tensor, **kw) -> torch.Tensor:
         progress, should_stop = comfy_progress()
-        return self._sync().decode(z, tile=False, progress=progress, should_stop=should_stop, **kw)
+        return decode_latent(self._sync(), z, tile=False, progress=progress, should_stop=should_stop, **kw)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - ComfyUI never calls forward
         return self.decode(z)
@@ -80,10 +82,10 @@ class SuiteVAE(comfy.sd.VAE):
             log.debug("vae_suite: base VAE constructor skipped (%s)", e)
         self.suite_core = core
         self.suite_name = name
-        f = int(core.downscale)
+        f = latent_downscale(core)  # of ComfyUI's LATENT (FLUX.2: 16, 128 channels)
         self.downscale_ratio = f
         self.upscale_ratio = f
-        self.latent_channels = int(core.latent_channels)
+        self.latent_channels = latent_channels(core)
         self.latent_dim = 2
         self.output_channels = 3
         self.process_input = lambda image: image * 2.0 - 1.0

@@ -46,9 +46,36 @@ def tile_option(tiling: str, tile_size: int, overlap: int, downscale: int):
     return Tiling(size, lap)
 
 
+# ------------------------------------------------------------------------------------------------ LATENT space
+# ComfyUI's LATENT holds raw VAE latents for every family but FLUX.2, whose LATENT is the diffusion-space latent
+# [B,128,H/16,W/16] (core folds the patchify + BatchNorm into its VAE). The nodes convert at this border.
+def latent_in_diffusion_space(core) -> bool:
+    return getattr(core, "comfy_latent", "raw") == "diffusion"
+
+
+def latent_downscale(core) -> int:
+    """Image pixels per LATENT pixel."""
+    return int(core.diffusion_downscale if latent_in_diffusion_space(core) else core.downscale)
+
+
+def latent_channels(core) -> int:
+    """Channels of this VAE's LATENT."""
+    return int(core.diffusion_channels if latent_in_diffusion_space(core) else core.latent_channels)
+
+
+def encode_latent(core, x: torch.Tensor, **kw) -> torch.Tensor:
+    """vae_core image [B,3,H,W] -> what ComfyUI's LATENT holds for this VAE."""
+    return core.encode_diffusion(x, **kw) if latent_in_diffusion_space(core) else core.encode(x, **kw)
+
+
+def decode_latent(core, z: torch.Tensor, **kw) -> torch.Tensor:
+    """ComfyUI's LATENT for this VAE -> vae_core image [B,3,H,W]."""
+    return core.decode_diffusion(z, **kw) if latent_in_diffusion_space(core) else core.decode(z, **kw)
+
+
 def run_info(core, height: int, width: int) -> dict:
     """The ``ui`` part of a node's result: what the tile widget shows as the last run's size."""
-    return {"vae_suite_tiles": [{"width": int(width), "height": int(height), "downscale": int(core.downscale),
+    return {"vae_suite_tiles": [{"width": int(width), "height": int(height), "downscale": latent_downscale(core),
                                  "family": core.family, "variant": core.variant,
                                  "dtype_bytes": torch.empty((), dtype=core.dtype).element_size()}]}
 

@@ -124,11 +124,11 @@ def _stamp(source) -> tuple:
 
 
 class VAESuiteLoader:
-    DESCRIPTION = ("Loads a VAE of any family (AutoencoderKL for SD1/SDXL/SD3/FLUX.1, the asymmetric inpainting "
+    DESCRIPTION = ("Loads a VAE of any family (AutoencoderKL for SD1/SDXL/SD3/FLUX.1, FLUX.2's VAE, the asymmetric inpainting "
                    "VAE, DC-AE, TAESD/TAEF1/TAEF2) from models/vae, models/vae_approx or the Hugging Face Hub. The "
                    "output is an ordinary VAE: it works in the core VAE Decode/Encode/Tiled/Inpaint nodes too.")
     CATEGORY = CATEGORY
-    SEARCH_ALIASES = ["vae loader", "load vae", "taesd", "dc-ae", "sana vae", "flux vae", "sdxl vae",
+    SEARCH_ALIASES = ["vae loader", "load vae", "taesd", "dc-ae", "sana vae", "flux vae", "flux2 vae", "sdxl vae",
                       "asymmetric vae", "huggingface vae"]
     RETURN_TYPES = ("VAE",)
     OUTPUT_TOOLTIPS = ("A ComfyUI VAE backed by the VAE Suite engine.",)

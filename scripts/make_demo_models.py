@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from preview_models import sd15_unet_state_dict  # noqa: E402
-from vae_core import asym, kl, tiny  # noqa: E402
+from vae_core import asym, flux2, kl, tiny  # noqa: E402
 
 SD_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
 TAESD_FAMILY = ("taesd", "taesdxl", "taesd3", "taef1")
@@ -39,6 +39,8 @@ FETCH = [("stabilityai/sd-vae-ft-mse-original", SD_VAE, f"vae/{SD_VAE}")] + [
     (f"madebyollin/{name}", f, f"vae/{name}/{f}") for name in TAESD_FAMILY
     for f in ("config.json", "diffusion_pytorch_model.safetensors")]
 DEMO_UNET = "diffusion_models/vae_suite_demo_unet.safetensors"
+# the FLUX.2 VAE under ComfyUI's usual name (its repos are gated or large: never fetched, a stand-in when missing)
+FLUX2_VAE = "flux2-vae.safetensors"
 
 KL_CORE_SHAPED = {**kl.DEFAULT_CONFIG, **kl.VARIANTS["sd1"]}  # the layout core VAELoader builds
 ASYM_DEMO = {**asym.DEFAULT_CONFIG, "down_block_out_channels": [32, 32, 64, 64], "up_block_out_channels": [32, 64, 64, 64]}
@@ -142,6 +144,8 @@ def write_standins(models: Path, standins: Standins) -> None:
         f"vae/{SD_VAE}": lambda p: save_file(weights(kl.build(KL_CORE_SHAPED), 22, torch.float16), p),
         "vae/taesd/diffusion_pytorch_model.safetensors": tiny_folder,
         "vae/asymmetric-autoencoder-kl-x-1-5/diffusion_pytorch_model.safetensors": asym_folder,
+        # the released FLUX.2 shapes (diffusers names, BatchNorm statistics 0/1), fp16
+        f"vae/{FLUX2_VAE}": lambda p: save_file(weights(flux2.build(flux2.VARIANTS["flux2"]), 25, torch.float16), p),
         # the TAESD Preview example's model: SD2-shaped (it samples with LotusConditioning's 1024-wide
         # conditioning, the one core node that makes a conditioning without a text encoder)
         DEMO_UNET: lambda p: save_file(sd15_unet_state_dict(seed=0, context_dim=1024, linear_proj=True), p),

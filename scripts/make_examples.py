@@ -28,6 +28,7 @@ PACK = "comfyui-vae-suite"
 OUR = {"VAESuiteLoader", "VAESuiteEncode", "VAESuiteDecodeTiled", "VAESuiteAsymInpaintDecode", "VAESuiteTAESDPreview"}
 
 SD_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
+FLUX2_VAE = "flux2-vae.safetensors"
 LOADER = {"hf_source": "", "family": "auto", "variant": "auto", "dtype": "auto"}
 
 
@@ -139,6 +140,23 @@ TEMPLATES = {
             node(4, "VAESuiteDecodeTiled", [1120, 120], tiles("never"), {"samples": (3, 0), "vae": (2, 0)},
                  [("IMAGE", "IMAGE")], size=(340, 290)),
             save(5, [1500, 120], (4, 0), "vae_suite/taef2"),
+        ],
+    },
+    "Round-trip a photo through the FLUX.2 VAE": {
+        "description": "The FLUX.2 VAE encodes a photo into FLUX.2's 128-channel LATENT and decodes it in exact tiles.",
+        "nodes": [
+            load_image(1, [40, 120]),
+            vae_loader(2, [40, 480], FLUX2_VAE),
+            node(3, "VAESuiteEncode", [420, 120], {"latent": "mean", "seed": 0, **tiles("auto")},
+                 {"pixels": (1, 0), "vae": (2, 0)}, [("LATENT", "LATENT")], size=(340, 330), after={"seed": "fixed"}),
+            node(4, "VAESuiteDecodeTiled", [800, 120], tiles("always", 256, 32), {"samples": (3, 0), "vae": (2, 0)},
+                 [("IMAGE", "IMAGE")], size=(340, 290)),
+            save(5, [1180, 120], (4, 0), "vae_suite/flux2"),
+            note(6, [420, 500], standin_note(
+                f"models/vae/{FLUX2_VAE}: the FLUX.2 VAE (Comfy-Org's flux2-vae.safetensors, or Black Forest Labs' "
+                "ae.safetensors from FLUX.2-dev/klein under this name). Its LATENT is what FLUX.2 samplers and core "
+                "VAE Decode use: [B,128,H/16,W/16], patchified and normalised. It is not fetched (gated), so without "
+                "it this example runs on a random stand-in of the right shapes."), size=(380, 300)),
         ],
     },
     "Live TAESD previews while sampling": {

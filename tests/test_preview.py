@@ -88,7 +88,7 @@ def test_taef2_preview_quality_matches_vae_core_decode(taesd_dir, photo):
     decoder, src = pv.load_decoder("taef2", "cpu", ["taef2_decoder.pth"], lambda n: str(taesd_dir / n),
                                    allow_hub=False)
     assert decoder is not None and src.endswith("taef2_decoder.pth")
-    z = encoder.encode(photo)  # raw FLUX.2 latents [1,32,64,64]
+    z = encoder.encode(photo)  # TAEF2 latents [1,32,64,64] (FLUX.2's normalised space, unpatchified)
     assert z.shape == (1, 32, 64, 64)
     reference = psnr(to_hwc01(decoder.decode(z)), to_hwc01(photo))
 

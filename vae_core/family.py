@@ -46,6 +46,9 @@ class Family:
     preview: Mapping[str, str] = field(default_factory=dict)
     # ComfyUI latent format class name -> variant of this family (what a sampler's model samples in)
     latent_formats: Mapping[str, str] = field(default_factory=dict)
+    # what ComfyUI's LATENT holds for this family: "raw" VAE latents (every family but one), or "diffusion" (FLUX.2:
+    # core folds the patchify + BatchNorm into its VAE, so a LATENT is ``VAE.to_diffusion`` of the raw latent)
+    comfy_latent: str = "raw"
 
     @property
     def variants(self) -> dict:

@@ -158,7 +158,8 @@ def matches(sd: Mapping[str, torch.Tensor]) -> bool:
     keys = ("encoder.down_blocks.0.resnets.0.norm1.weight", "decoder.up_blocks.0.resnets.0.norm1.weight",
             "decoder.mid_block.resnets.0.norm1.weight")
     diffusers_kl = any(k in sd for k in keys)
-    return (diffusers_kl or is_ldm(sd)) and not any(k.startswith(("decoder.condition_encoder.", "decoder.encoder.")) for k in sd)
+    return ((diffusers_kl or is_ldm(sd)) and "bn.running_mean" not in sd  # bn.*: FLUX.2 (flux2.py)
+            and not any(k.startswith(("decoder.condition_encoder.", "decoder.encoder.")) for k in sd))
 
 
 def convert(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

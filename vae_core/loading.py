@@ -210,8 +210,6 @@ def describe_non_vae(sd: Mapping[str, torch.Tensor]) -> str:
     """A best guess at what a state dict that is not a VAE is, for the error message."""
     keys = list(sd)
     joined = "\n".join(keys[:4000])
-    if "bn.running_mean" in sd or "bn.running_var" in sd:
-        return "a FLUX.2 VAE (AutoencoderKLFlux2: 32 channels, patchify and BatchNorm), which is a different class"
     if re.search(r"(^|\.)(input_blocks|time_embed|time_embedding|double_blocks|joint_blocks|transformer_blocks|"
                  r"down_blocks\.\d+\.attentions)\.", joined):
         return "a diffusion model (UNet or transformer) without VAE weights"

@@ -5,7 +5,9 @@ capped in size, the picture, a rate limit, and a cache of loaded decoders. No Co
 A sampler's x0 is in its model's space (after ComfyUI's ``latent_format.process_in``). It is mapped back with
 ``process_out`` to the raw latents of the full VAE, and the TAESD VAE applies its variant's own scaling: right for
 every format, including SDXL-Playground-2.5 whose ``process_in`` is not the SDXL scale. ComfyUI's FLUX.2 latents
-are 2x2-patchified (128 channels): they are unpacked to the 32 channels TAEF2 decodes.
+are 2x2-patchified (128 channels) and already normalised by the FLUX.2 VAE's BatchNorm statistics: they are only
+unpacked to the 32 channels TAEF2 decodes, because TAEF2 works in that normalised space (not on the FLUX.2 VAE's
+raw pre-BatchNorm latent; README "FLUX.2", measured in tests/test_flux2.py).
 """
 from __future__ import annotations
 

@@ -1,14 +1,15 @@
-"""Every family vae_core knows, in detection order (asym before kl: asymmetric weights contain a KL encoder).
+"""Every family vae_core knows, in detection order (asym before kl: asymmetric weights contain a KL encoder;
+flux2 before kl: a FLUX.2 VAE is a KL network plus ``bn.*``, and kl refuses weights with ``bn.*``).
 
 Registering a family is one line here; the recipe is in ``family.py``.
 """
 from __future__ import annotations
 
-from . import asym, dc, kl, tiny
+from . import asym, dc, flux2, kl, tiny
 from .errors import VAEError
 from .family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (asym.FAMILY, kl.FAMILY, dc.FAMILY, tiny.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (asym.FAMILY, flux2.FAMILY, kl.FAMILY, dc.FAMILY, tiny.FAMILY)}
 
 
 def get(name: str) -> Family:

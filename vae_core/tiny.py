@@ -396,5 +396,5 @@ FAMILY = Family(
     # the factors that matter are the full VAE's, which only the variant knows
     folder_factors_apply=False,
     preview={v: v for v in VARIANTS},
-    latent_formats={"Flux2": "taef2"},  # FLUX.2's own VAE is not a family here: its latents preview with TAEF2
+    # ComfyUI's Flux2 latent format belongs to the flux2 family, whose record previews it with taef2
 )

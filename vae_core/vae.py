@@ -19,8 +19,9 @@ ShouldStop = Callable[[], bool]
 class VAE:
     """A loaded VAE of any family.
 
-    Latents passed in and out are *raw* VAE-space latents (as ComfyUI's LATENT and diffusers' latent_dist
-    hold them); ``to_diffusion``/``from_diffusion`` convert to and from the space a diffusion model samples in.
+    Latents passed in and out are *raw* VAE-space latents (as diffusers' latent_dist holds them, and ComfyUI's
+    LATENT for every family but FLUX.2); ``to_diffusion``/``from_diffusion`` convert to and from the space a
+    diffusion model samples in (for FLUX.2 that is also a change of shape: ``[B,32,h,w] <-> [B,128,h/2,w/2]``).
     Images are ``[B,3,H,W]`` in ``[-1, 1]``.
     """
 
@@ -32,6 +33,9 @@ class VAE:
         self.config = dict(config)
         self.latent_channels: int = model.latent_channels
         self.downscale: int = model.downscale
+        # the diffusion-space latent's channels and downscale (FLUX.2 patchifies 2x2; the same as raw elsewhere)
+        self.diffusion_channels: int = getattr(model, "diffusion_channels", model.latent_channels)
+        self.diffusion_downscale: int = getattr(model, "diffusion_downscale", model.downscale)
         self.scaling_factor: float = float(self.config.get("scaling_factor") or 1.0)
         self.shift_factor: float = float(self.config.get("shift_factor") or 0.0)
         self.upcast_reason = upcast_reason
@@ -67,27 +71,55 @@ class VAE:
 
     # -------------------------------------------------------------------------------- latent spaces
     def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        own = getattr(self.model, "to_diffusion", None)  # FLUX.2: patchify + BatchNorm statistics
+        if own is not None:
+            return own(z)
         return (z - self.shift_factor) * self.scaling_factor
 
     def from_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        own = getattr(self.model, "from_diffusion", None)
+        if own is not None:
+            return own(z)
         return z / self.scaling_factor + self.shift_factor
+
+    @property
+    def comfy_latent(self) -> str:
+        """'raw' or 'diffusion': the space ComfyUI's LATENT holds for this family (``Family.comfy_latent``)."""
+        from . import registry
+
+        return registry.get(self.family).comfy_latent
+
+    def encode_diffusion(self, images: torch.Tensor, **kw) -> torch.Tensor:
+        """``to_diffusion(encode(images))``; the image is padded to a multiple of ``diffusion_downscale``."""
+        x = self._check_images(images)
+        f = self.diffusion_downscale
+        ph, pw = (-x.shape[-2]) % f, (-x.shape[-1]) % f
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        z = self.encode(x, **kw)
+        return self.to_diffusion(z.to(torch.float32)).to(z.dtype)
 
     # -------------------------------------------------------------------------------- checks
     def _check_images(self, images: Any) -> torch.Tensor:
         return check_images(images, "images", "encoding")
 
-    def _check_latents(self, latents: Any) -> torch.Tensor:
+    def _check_latents(self, latents: Any, space: str = "raw") -> torch.Tensor:
+        want = self.diffusion_channels if space == "diffusion" else self.latent_channels
         if not isinstance(latents, torch.Tensor):
             raise VAEError(f"latents must be a torch.Tensor [B,C,h,w], got {type(latents).__name__}")
-        if latents.ndim == 3 and latents.shape[0] == self.latent_channels:
+        if latents.ndim == 3 and latents.shape[0] == want:
             latents = latents.unsqueeze(0)
         if latents.ndim != 4:
-            raise VAEError(f"latents must be 4-D [B,{self.latent_channels},h,w], got shape {list(latents.shape)}")
+            raise VAEError(f"latents must be 4-D [B,{want},h,w], got shape {list(latents.shape)}")
         c = latents.shape[1]
-        if c != self.latent_channels:
+        if c != want:
+            other = self.latent_channels if space == "diffusion" else self.diffusion_channels
+            hint = (f" ({c} is this VAE's {'raw' if space == 'diffusion' else 'diffusion-space'} latent: "
+                    f"{'decode it with decode()' if space == 'diffusion' else 'decode it with decode_diffusion()'})"
+                    if c == other and other != want else "")
             raise VAEError(
-                f"latents have {c} channels but this {self.family} VAE ({self.variant}) expects {self.latent_channels}: "
-                f"{_latent_channel_hint(c)}; use the VAE that matches the model that made the latent")
+                f"latents have {c} channels but this {self.family} VAE ({self.variant}) expects {want} "
+                f"({space} space): {_latent_channel_hint(c)}{hint}; use the VAE that matches the model that made the latent")
         if not latents.is_floating_point():
             raise VAEError(f"latents must be floating point, got {latents.dtype}")
         if min(latents.shape[-2:]) < 1 or latents.shape[0] < 1:
@@ -171,7 +203,8 @@ class VAE:
 
     def decode_diffusion(self, z: torch.Tensor, **kw) -> torch.Tensor:
         """Decode latents that are already in diffusion space (a sampler's x0, as live previews get it)."""
-        return self.decode(self.from_diffusion(self._check_latents(z)), **kw)
+        z = self._check_latents(z, "diffusion")
+        return self.decode(self.from_diffusion(z.to(torch.float32)).to(z.dtype), **kw)
 
 
 def check_images(images: Any, what: str, purpose: str) -> torch.Tensor:
