@@ -46,6 +46,12 @@ class Family:
     preview: Mapping[str, str] = field(default_factory=dict)
     # ComfyUI latent format class name -> variant of this family (what a sampler's model samples in)
     latent_formats: Mapping[str, str] = field(default_factory=dict)
+    # video families: images and latents may carry a time axis ([B,C,T,H,W]); tiling also cuts time in chunks
+    video: bool = False
+    # the diffusion space is per-channel: (z - latents_mean) / latents_std (config fields), not scale and shift
+    channel_stats: bool = False
+    # variant -> the decoder a live preview of its latents would need, when the pack has none (shown to users)
+    preview_decoders: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def variants(self) -> dict:

@@ -4,11 +4,11 @@ Registering a family is one line here; the recipe is in ``family.py``.
 """
 from __future__ import annotations
 
-from . import asym, dc, kl, tiny
+from . import asym, dc, kl, tiny, wan
 from .errors import VAEError
 from .family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (asym.FAMILY, kl.FAMILY, dc.FAMILY, tiny.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (asym.FAMILY, kl.FAMILY, dc.FAMILY, tiny.FAMILY, wan.FAMILY)}
 
 
 def get(name: str) -> Family:
