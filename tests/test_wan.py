@@ -160,3 +160,14 @@ def test_wan22_and_bad_inputs_refused(small):
         vae.encode(torch.zeros(1, 3, 6, 16, 16))
     with pytest.raises(VAEError, match="16"):
         vae.decode(torch.zeros(1, 4, 2, 2, 2))
+
+
+def test_preview_names_the_decoder_wan_latents_need():
+    from vae_core.preview import decoder_needed_for_format, variant_for_format
+
+    class Wan21:  # ComfyUI's latent format class name for Wan 2.1 / Qwen-Image models
+        latent_channels = 16
+
+    assert variant_for_format(Wan21) is None
+    need = decoder_needed_for_format(Wan21())
+    assert need is not None and "wan" in need and "taew2_1" in need and "TAEHV" in need

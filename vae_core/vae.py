@@ -39,7 +39,9 @@ class VAE:
         self.video: bool = bool(getattr(model, "video", False))
         self.time_downscale: int = int(getattr(model, "time_downscale", 1))
         self.latents_mean = self.latents_std = None
-        if self.config.get("latents_mean") is not None and self.config.get("latents_std") is not None and self.video:
+        from .registry import FAMILIES
+        rec = FAMILIES.get(family)
+        if rec is not None and rec.channel_stats and self.config.get("latents_mean") is not None:
             self.latents_mean = torch.tensor(self.config["latents_mean"], dtype=torch.float32)
             self.latents_std = torch.tensor(self.config["latents_std"], dtype=torch.float32)
         self._fp32_model: nn.Module | None = None
