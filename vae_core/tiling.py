@@ -494,6 +494,14 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
     family = family or getattr(vae_or_model, "family", None)
     if _half(model, direction) is None:
         return {"device_bytes": None, "store_bytes": None, "work_bytes": None, "tiles": None}
+    if getattr(model, "video", False):  # one frame of a video family: video.py's own model of a run
+        f = model.downscale
+        h, w = (int(image_hw[0]), int(image_hw[1]))
+        shape = (batch, model.latent_channels, 1, h // f, w // f) if direction == "decode" else (batch, 3, 1, h, w)
+        est = video.estimate(model, direction, shape, None if tiling is None else tiling.tile_size, 0 if tiling is None
+                             else tiling.time_chunk, dtype)
+        tiles = 1 if tiling is None else len(ops.grid((h, w), tiling.tile_size))
+        return {**est, "work_bytes": est["device_bytes"], "tiles": tiles}
     hw = tuple(int(v) for v in image_hw)
     es = _bytes(dtype)
     cpu = getattr(getattr(vae_or_model, "device", None), "type", "cpu") == "cpu"

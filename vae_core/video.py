@@ -163,34 +163,35 @@ def estimate(model, direction: str, shape, tile_px: int | None, time_chunk: int,
     work, stored = 0, 0
     c = shape[1]
     for s in steps:
-        op, frames = s["op"], s["frames"]
-        inflight = max(frames, s["frames_out"]) if not time_chunk else \
-            max(min(frames, s["chunk"]), 1) * max(1.0, time_scale(op)) + 2
+        op, frames, ts = s["op"], s["frames"], time_scale(s["op"])
+        if not time_chunk or s["chunk"] == 0 or frames == 1:
+            inflight = max(frames, s["frames_out"])
+        else:
+            inflight = max(min(frames - 1, s["chunk"]) * max(1.0, ts), 1)
         if s["tiles"] is None:
-            per = _peak_2d(op, c, s["hw"])
-            work = max(work, per)
+            work = max(work, _peak_2d(op, c, s["hw"]) * inflight)
         else:
             r = max(s["tiles"], key=lambda t: t.h * t.w)
             n = op.need(r)
-            per = _peak_2d(op, c, (n.h, n.w))
-            # carried frames: two frames of every causal conv's input over the tile
-            carried = 2 * sum(_conv_in(layer) for layer in _walk(op)) * n.h * n.w
-            work = max(work, per * inflight + carried)
-        c = op.channels(c) if hasattr(op, "channels") else c
+            carried = 0
+            if time_chunk and frames > 1:  # two frames of every causal conv's input over the tile
+                carried = 2 * sum(layer.m.in_channels * (n.h * scale) * (n.w * scale)
+                                  for layer, scale in _walk(op, 1.0) if isinstance(layer, ops.CausalConv3d)
+                                  and layer.frames)
+            work = max(work, _peak_2d(op, c, (n.h, n.w)) * inflight + carried)
+        c = op.channels(c)
         stored = max(stored, c * s["frames_out"] * math.prod(s["hw_out"]))
     return {"device_bytes": int(work * b * es), "store_bytes": int(stored * b * es)}
 
 
-def _walk(layer):
+def _walk(layer, scale: float):
+    """(op, its input resolution relative to the segment's input) for every op of a segment."""
     if isinstance(layer, ops.Chain):
         for sub in layer.layers:
-            yield from _walk(sub)
+            yield from _walk(sub, scale)
+            scale *= sub.scale
     elif isinstance(layer, ops.Residual):
-        yield from _walk(layer.main)
-        yield from _walk(layer.skip)
+        yield from _walk(layer.main, scale)
+        yield from _walk(layer.skip, scale)
     else:
-        yield layer
-
-
-def _conv_in(layer) -> int:
-    return layer.m.in_channels if isinstance(layer, ops.CausalConv3d) and layer.frames else 0
+        yield layer, scale
