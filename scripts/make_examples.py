@@ -142,8 +142,8 @@ TEMPLATES = {
         ],
     },
     "Qwen-Image VAE round trip of a photo": {
-        "description": "The Wan 2.1 / Qwen-Image VAE (qwen_image_vae.safetensors) encodes a photo to a one-frame "
-                       "video latent [1,16,1,h,w] and decodes it, as Qwen-Image and Qwen-Image-Edit workflows do.",
+        "description": "The Qwen-Image / Wan 2.1 VAE encodes a photo to a one-frame video latent [1,16,1,h,w] and "
+                       "decodes it, as Qwen-Image workflows do.",
         "nodes": [
             load_image(1, [40, 120]),
             node(2, "ImageScale", [380, 120], {"upscale_method": "bicubic", "width": 256, "height": 256,
@@ -162,9 +162,8 @@ TEMPLATES = {
         ],
     },
     "Wan 2.1 VAE decode of a short video in tiles and chunks": {
-        "description": "Five frames encoded by the Wan 2.1 VAE (wan_2.1_vae.safetensors) to a video latent "
-                       "[1,16,2,h,w], then decoded by VAE Decode Tiled in 128 px tiles and 4-frame causal chunks: "
-                       "exactly the untiled decode, no flicker at chunk borders.",
+        "description": "Five frames through the Wan 2.1 VAE to a [1,16,2,h,w] latent, decoded in 128 px tiles and "
+                       "4-frame causal chunks: equal to the untiled decode.",
         "nodes": [
             load_image(1, [40, 120]),
             node(2, "ImageScale", [380, 120], {"upscale_method": "bicubic", "width": 160, "height": 128,
