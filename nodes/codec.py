@@ -11,8 +11,16 @@ from .common import (CATEGORY, clean_errors, comfy_progress, decode_latent, enco
                      latent_downscale, latent_samples, mask_to_core, run_info, tile_inputs, tile_option)
 
 
+def video_frames(x: torch.Tensor, core) -> torch.Tensor:
+    """An image batch [N,3,H,W] for a video VAE -> one video [1,3,T,H,W], as core VAE Encode makes it: the frames
+    in order, the last ones dropped down to T = 1 + 4k."""
+    k = core.time_downscale
+    t = 1 + (x.shape[0] - 1) // k * k
+    return x[:t].movedim(0, 1).unsqueeze(0)
+
+
 @contextlib.contextmanager
-def running(vae, tiling: str, tile_size: int, overlap: int):
+def running(vae, tiling: str, tile_size: int, overlap: int, temporal_size: int | None = None):
     """-> the vae_core VAE behind ``vae`` (ours, or a core VAE rebuilt once) loaded by ComfyUI's memory manager,
     and the keyword arguments of its encode/decode: tile (corrected for it), progress bar and Cancel.
 
@@ -26,8 +34,12 @@ def running(vae, tiling: str, tile_size: int, overlap: int):
     load_core_on(vae, core)
     try:
         progress, should_stop = comfy_progress()
-        yield core, {"tile": tile_option(tiling, tile_size, overlap, core.downscale), "progress": progress,
-                     "should_stop": should_stop}
+        tile = tile_option(tiling, tile_size, overlap, core.downscale)
+        if temporal_size is not None and getattr(core, "video", False) and tile:  # frames per causal chunk
+            import dataclasses
+
+            tile = dataclasses.replace(tile, time_chunk=max(1, int(temporal_size) // core.time_downscale))
+        yield core, {"tile": tile, "progress": progress, "should_stop": should_stop}
     finally:
         off = torch.device(mm.vae_offload_device())
         if getattr(vae, "suite_core", None) is not core and core.device != off:
@@ -77,6 +89,10 @@ class VAESuiteEncode:
             m = None  # nothing to inpaint (e.g. LoadImage's mask of an image without alpha): a plain latent
         gen = torch.Generator("cpu").manual_seed(int(seed)) if latent == "sample" else None
         with running(vae, tiling, tile_size, overlap) as (core, run):
+            if getattr(core, "video", False):  # the batch is the frames of one video, as core VAE Encode has it
+                if m is not None:
+                    raise VAEError("a mask (noise_mask) is not supported with a video VAE: encode without it")
+                x = video_frames(x, core)
             z = encode_latent(core, x, sample=latent == "sample", generator=gen, **run)
         out = {"samples": z.float().to(mm.intermediate_device())}
         if m is not None:
@@ -109,12 +125,20 @@ class VAESuiteDecodeTiled:
                 "vae": ("VAE", {"tooltip": "The VAE to decode with (VAE Suite Load VAE, or a core loader's VAE)."}),
                 **tile_inputs(),
             },
+            "optional": {
+                "temporal_size": ("INT", {"default": 4, "min": 4, "max": 4096, "step": 4, "tooltip":
+                                  "Video VAEs (Wan 2.1 / Qwen-Image): frames per causal chunk when tiling. 4 is "
+                                  "one latent frame, as diffusers and core decode. Chunking in time is exact (the "
+                                  "causal convs carry their last frames over), so this only trades memory for speed."}),
+            },
         }
 
     @clean_errors
-    def decode(self, samples, vae, tiling="auto", tile_size=512, overlap=64):
-        z = latent_samples(samples)
-        with running(vae, tiling, tile_size, overlap) as (core, run):
+    def decode(self, samples, vae, tiling="auto", tile_size=512, overlap=64, temporal_size=4):
+        z = latent_samples(samples, video=True)
+        with running(vae, tiling, tile_size, overlap, temporal_size) as (core, run):
+            if z.ndim == 5 and not getattr(core, "video", False):
+                z = latent_samples(samples)
             images = decode_latent(core, z, **run)
         return {"ui": run_info(core, *images.shape[-2:]), "result": (image_from_core(images),)}
 

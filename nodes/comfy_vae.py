@@ -37,6 +37,11 @@ def memory_estimate(core: CoreVAE, direction: str, shape, dtype) -> float:
     from ..vae_core import tiling
 
     f = latent_downscale(core)
+    if len(shape) == 5:  # a video VAE: the frames of one item untiled
+        from ..vae_core import video
+
+        one = (1, *shape[1:])
+        return float(video.estimate(core.model, direction, one, None, 0, dtype)["device_bytes"])
     hw = (shape[-2] * f, shape[-1] * f) if direction == "decode" else (shape[-2], shape[-1])
     return float(tiling.estimate_memory(core, direction, hw, None, dtype))
 
@@ -61,7 +66,11 @@ class CoreAdapter(nn.Module):
     @clean_errors
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         progress, should_stop = comfy_progress()
-        return encode_latent(self._sync(), x, tile=False, progress=progress, should_stop=should_stop)
+        core = self._sync()
+        if x.ndim == 5:  # core VAE Encode's video: the frames past 1 + 4k are dropped, as core's Wan VAE does
+            k = core.time_downscale
+            x = x[:, :, : 1 + (x.shape[2] - 1) // k * k]
+        return encode_latent(core, x, tile=False, progress=progress, should_stop=should_stop)
 
     @clean_errors
     def decode(self, z: torch.Tensor, **kw) -> torch.Tensor:
@@ -87,13 +96,20 @@ class SuiteVAE(comfy.sd.VAE):
         self.upscale_ratio = f
         self.latent_channels = latent_channels(core)
         self.latent_dim = 2
+        if core.video:  # core's video VAE members, as comfy.sd.VAE sets them for its Wan 2.1 VAE
+            import math
+
+            k = int(core.time_downscale)
+            self.latent_dim = 3
+            self.upscale_ratio = (lambda a: max(0, a * k - (k - 1)), f, f)
+            self.downscale_ratio = (lambda a: max(0, math.floor((a + k - 1) / k)), f, f)
         self.output_channels = 3
         self.process_input = lambda image: image * 2.0 - 1.0
         self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
         self.disable_offload = False
         self.not_video = False
-        self.downscale_index_formula = None
-        self.upscale_index_formula = None
+        self.downscale_index_formula = (int(core.time_downscale), f, f) if core.video else None
+        self.upscale_index_formula = (int(core.time_downscale), f, f) if core.video else None
         self.extra_1d_channel = None
         self.crop_input = True
         self.working_dtypes = working_dtypes(core)

@@ -129,21 +129,25 @@ def image_to_core(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def image_from_core(images: torch.Tensor) -> torch.Tensor:
-    """vae_core [B,3,H,W] in [-1,1] -> ComfyUI IMAGE [B,H,W,3] in [0,1] on ComfyUI's intermediate device."""
+    """vae_core [B,3,H,W] in [-1,1] -> ComfyUI IMAGE [B,H,W,3] in [0,1] on ComfyUI's intermediate device
+    (videos [B,3,T,H,W]: every frame of every item, in order, as core VAE Decode gives them)."""
     import comfy.model_management as mm
 
     out = ((images.float() + 1.0) / 2.0).clamp_(0.0, 1.0).movedim(1, -1)
+    if out.ndim == 5:
+        out = out.reshape(-1, *out.shape[-3:])
     return out.to(mm.intermediate_device()).contiguous()
 
 
-def latent_samples(samples: dict) -> torch.Tensor:
-    """The [B,C,h,w] tensor of a LATENT (nested tensors and 1-frame video latents accepted)."""
+def latent_samples(samples: dict, video: bool = False) -> torch.Tensor:
+    """The [B,C,h,w] tensor of a LATENT (nested tensors and 1-frame video latents accepted); ``video``: a 5-D
+    latent [B,C,T,h,w] stays as it is (for video VAEs)."""
     if not isinstance(samples, dict) or "samples" not in samples:
         raise VAEError("expected a LATENT (a dict with 'samples')")
     z = samples["samples"]
     if getattr(z, "is_nested", False):
         z = z.unbind()[0]
-    if z.ndim == 5:
+    if z.ndim == 5 and not video:
         if z.shape[2] != 1:
             raise VAEError(f"this is a video latent with {z.shape[2]} frames {list(z.shape)}; the VAE Suite "
                            "decodes image latents [B,C,h,w]")

@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from ..vae_core.preview import (RateLimit, cap_latent, fit, load_decoder, missing_message, render_preview, to_pil,
-                                variant_for_format, warn_once, x0_to_raw)
+from ..vae_core.preview import (RateLimit, cap_latent, decoder_needed_for_format, fit, load_decoder, missing_message,
+                                render_preview, to_pil, variant_for_format, warn_once, x0_to_raw)
 
 NODE_ID = "VAESuiteTAESDPreview"
 WRAPPER_KEY = "vae_suite.taesd_preview"
@@ -42,6 +42,12 @@ class _Previewer:
         if vae is not None and self._use_vae(vae):
             return
         variant = variant_for_format(latent_format) if latent_format is not None else None
+        needed = decoder_needed_for_format(latent_format) if latent_format is not None and variant is None else None
+        if needed is not None:  # a family with no TAESD (Wan 2.1 / Qwen-Image): say which decoder it would need
+            text = (f"TAESD Preview: latents of {needed} would need that tiny video decoder, which VAE Suite does "
+                    "not support yet; showing the latent RGB preview (or connect a VAE to preview with it)")
+            if warn_once(("needs", needed), text):
+                _progress_text(text)
         if variant is not None:
             import folder_paths
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from preview_models import sd15_unet_state_dict  # noqa: E402
-from vae_core import asym, flux2, kl, tiny  # noqa: E402
+from vae_core import asym, flux2, kl, tiny, wan  # noqa: E402
+from wan_layout import to_original  # noqa: E402
 
 SD_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
 TAESD_FAMILY = ("taesd", "taesdxl", "taesd3", "taef1")
@@ -41,6 +42,8 @@ FETCH = [("stabilityai/sd-vae-ft-mse-original", SD_VAE, f"vae/{SD_VAE}")] + [
 DEMO_UNET = "diffusion_models/vae_suite_demo_unet.safetensors"
 # the FLUX.2 VAE under ComfyUI's usual name (its repos are gated or large: never fetched, a stand-in when missing)
 FLUX2_VAE = "flux2-vae.safetensors"
+# the Wan 2.1 / Qwen-Image VAE under the names ComfyUI users download (the original layout, bf16 as released)
+QWEN_VAE, WAN_VAE = "qwen_image_vae.safetensors", "wan_2.1_vae.safetensors"
 
 KL_CORE_SHAPED = {**kl.DEFAULT_CONFIG, **kl.VARIANTS["sd1"]}  # the layout core VAELoader builds
 ASYM_DEMO = {**asym.DEFAULT_CONFIG, "down_block_out_channels": [32, 32, 64, 64], "up_block_out_channels": [32, 64, 64, 64]}
@@ -140,8 +143,19 @@ def write_standins(models: Path, standins: Standins) -> None:
             {"_class_name": "AsymmetricAutoencoderKL", **ASYM_DEMO, "down_block_types": ["DownEncoderBlock2D"] * 4,
              "up_block_types": ["UpDecoderBlock2D"] * 4}, indent=1))
 
+    def wan_file(p: Path, seed: int) -> None:  # the released shape (base_dim 96), RMS gains away from 1
+        model = wan.build({})
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, q in model.named_parameters():
+                if name.endswith("gamma"):
+                    q.mul_(1 + 0.2 * torch.randn_like(q))
+        save_file(to_original(weights(model, seed, torch.bfloat16)), p)
+
     jobs = {
         f"vae/{SD_VAE}": lambda p: save_file(weights(kl.build(KL_CORE_SHAPED), 22, torch.float16), p),
+        f"vae/{QWEN_VAE}": lambda p: wan_file(p, 25),
+        f"vae/{WAN_VAE}": lambda p: wan_file(p, 26),
         "vae/taesd/diffusion_pytorch_model.safetensors": tiny_folder,
         "vae/asymmetric-autoencoder-kl-x-1-5/diffusion_pytorch_model.safetensors": asym_folder,
         # the released FLUX.2 shapes (diffusers names, BatchNorm statistics 0/1), fp16

@@ -159,6 +159,47 @@ TEMPLATES = {
                 "it this example runs on a random stand-in of the right shapes."), size=(380, 300)),
         ],
     },
+    "Qwen-Image VAE round trip of a photo": {
+        "description": "The Qwen-Image / Wan 2.1 VAE encodes a photo to a one-frame video latent [1,16,1,h,w] and "
+                       "decodes it, as Qwen-Image workflows do.",
+        "nodes": [
+            load_image(1, [40, 120]),
+            node(2, "ImageScale", [380, 120], {"upscale_method": "bicubic", "width": 256, "height": 256,
+                                               "crop": "center"}, {"image": (1, 0)}, [("IMAGE", "IMAGE")],
+                 size=(300, 160)),
+            vae_loader(3, [380, 330], "qwen_image_vae.safetensors"),
+            node(4, "VAESuiteEncode", [740, 120], {"latent": "mean", "seed": 0, **tiles("auto")},
+                 {"pixels": (2, 0), "vae": (3, 0)}, [("LATENT", "LATENT")], size=(340, 330), after={"seed": "fixed"}),
+            node(5, "VAESuiteDecodeTiled", [1120, 120], {**tiles("auto"), "temporal_size": 4},
+                 {"samples": (4, 0), "vae": (3, 0)}, [("IMAGE", "IMAGE")], size=(340, 320)),
+            save(6, [1500, 120], (5, 0), "vae_suite/qwen_image_roundtrip"),
+            note(7, [40, 520], standin_note("models/vae/qwen_image_vae.safetensors (Comfy-Org/Qwen-Image_ComfyUI, "
+                                            "split_files/vae). The image is scaled to 256 px so the CPU finishes "
+                                            "quickly: raise it to 1024 for real use; tiling 'auto' tiles when a "
+                                            "pass would not fit."), size=(420, 260)),
+        ],
+    },
+    "Wan 2.1 VAE decode of a short video in tiles and chunks": {
+        "description": "Five frames through the Wan 2.1 VAE to a [1,16,2,h,w] latent, decoded in 128 px tiles and "
+                       "4-frame causal chunks: equal to the untiled decode.",
+        "nodes": [
+            load_image(1, [40, 120]),
+            node(2, "ImageScale", [380, 120], {"upscale_method": "bicubic", "width": 160, "height": 128,
+                                               "crop": "center"}, {"image": (1, 0)}, [("IMAGE", "IMAGE")],
+                 size=(300, 160)),
+            node(3, "RepeatImageBatch", [380, 330], {"amount": 5}, {"image": (2, 0)}, [("IMAGE", "IMAGE")],
+                 size=(300, 90)),
+            vae_loader(4, [40, 480], "wan_2.1_vae.safetensors"),
+            node(5, "VAESuiteEncode", [740, 120], {"latent": "mean", "seed": 0, **tiles("auto")},
+                 {"pixels": (3, 0), "vae": (4, 0)}, [("LATENT", "LATENT")], size=(340, 330), after={"seed": "fixed"}),
+            node(6, "VAESuiteDecodeTiled", [1120, 120], {**tiles("always", 128, 0), "temporal_size": 4},
+                 {"samples": (5, 0), "vae": (4, 0)}, [("IMAGE", "IMAGE")], size=(340, 320)),
+            save(7, [1500, 120], (6, 0), "vae_suite/wan_video"),
+            note(8, [420, 520], standin_note("models/vae/wan_2.1_vae.safetensors (Comfy-Org/Wan_2.1_ComfyUI_repackaged, "
+                                             "split_files/vae). The frames repeat one photo; with a sampler, connect "
+                                             "its LATENT to VAE Decode Tiled instead."), size=(420, 260)),
+        ],
+    },
     "Live TAESD previews while sampling": {
         "description": "TAESD Preview (VAE Suite) between the model and KSampler: a preview frame on the sampler at "
                        "every step.",

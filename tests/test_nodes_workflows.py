@@ -59,7 +59,8 @@ def test_template_title_description_thumbnail_note(path):
     assert thumb.stat().st_size < 120_000
     # every model file the example names that the main job may have to stand in for is named in its Note
     standins = {Path(rel).name for rel in ("vae/" + make_demo_models.SD_VAE, "vae/taesd", make_demo_models.DEMO_UNET,
-                                           "vae/asymmetric-autoencoder-kl-x-1-5", "vae/" + make_demo_models.FLUX2_VAE)}
+                                           "vae/asymmetric-autoencoder-kl-x-1-5", "vae/" + make_demo_models.FLUX2_VAE,
+                                           make_demo_models.QWEN_VAE, make_demo_models.WAN_VAE)}
     named = {str(v).rstrip("/") for n in ui["nodes"] for v in n.get("widgets_values", []) if isinstance(v, str)}
     notes = " ".join(n["widgets_values"][0] for n in ui["nodes"] if n["type"] in UI_ONLY)
     for name in named & standins:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_demo_models  # noqa: E402
 
 STANDIN_ITEMS = {f"vae/{make_demo_models.SD_VAE}", "vae/taesd", "vae/asymmetric-autoencoder-kl-x-1-5",
-                 make_demo_models.DEMO_UNET, f"vae/{make_demo_models.FLUX2_VAE}"}
+                 make_demo_models.DEMO_UNET, f"vae/{make_demo_models.FLUX2_VAE}",
+                 f"vae/{make_demo_models.QWEN_VAE}", f"vae/{make_demo_models.WAN_VAE}"}
 
 
 def run_start(base: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -134,7 +135,8 @@ def test_online_start_links_the_real_files_from_the_hub_cache(tmp_path):
     # the real files replaced the stand-ins of the first run; the others stay stand-ins
     recorded = set((models / ".vae_suite_standins").read_text().split())
     assert recorded == {"vae/asymmetric-autoencoder-kl-x-1-5", make_demo_models.DEMO_UNET,
-                        f"vae/{make_demo_models.FLUX2_VAE}"}
+                        f"vae/{make_demo_models.FLUX2_VAE}",
+                        f"vae/{make_demo_models.QWEN_VAE}", f"vae/{make_demo_models.WAN_VAE}"}
     v = load_vae(str(models / "vae" / "taesd"))
     assert (v.family, v.variant) == ("tiny", "taesd")
     v = load_vae(str(sd))

@@ -49,6 +49,12 @@ class Family:
     # what ComfyUI's LATENT holds for this family: "raw" VAE latents (every family but one), or "diffusion" (FLUX.2:
     # core folds the patchify + BatchNorm into its VAE, so a LATENT is ``VAE.to_diffusion`` of the raw latent)
     comfy_latent: str = "raw"
+    # video families: images and latents may carry a time axis ([B,C,T,H,W]); tiling also cuts time in chunks
+    video: bool = False
+    # the diffusion space is per-channel: (z - latents_mean) / latents_std (config fields), not scale and shift
+    channel_stats: bool = False
+    # variant -> the decoder a live preview of its latents would need, when the pack has none (shown to users)
+    preview_decoders: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def variants(self) -> dict:

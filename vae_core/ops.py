@@ -97,6 +97,10 @@ class EagerContext:
     def __init__(self, inputs: dict | None = None):
         self.inputs = dict(inputs or {})
         self.memo: dict = {}
+        # the time axis (video families): None runs every frame at once; a dict makes the causal time ops carry
+        # their last input frames from one chunk of frames to the next, keyed by (``tile``, op)
+        self.time_cache: dict | None = None
+        self.tile = None
 
 
 # ================================================================================================ local ops
@@ -711,3 +715,204 @@ def halo(chain: Chain, tile: int) -> int:
     """Extra pixels per side (at the chain's output resolution) a ``tile``-sized output reads."""
     r = Region(0, tile, 0, tile)
     return max(0, round(r.y0 - chain.need(r).y0 * chain.scale))
+
+
+# ================================================================================================ time (video)
+# Video tensors are [B, C, T, H, W]; the ops above crop and pad the last two axes, so they run on them as they
+# are. These add the time axis: causal in time, so a run in chunks of frames equals a run on all frames when each
+# op carries its last input frames from one chunk to the next (``EagerContext.time_cache``).
+def _carry(x: torch.Tensor, ctx, op, frames: int, zeros: bool = True) -> torch.Tensor | None:
+    """``x`` with the ``frames`` frames before it in time prepended (zeros before the first frame; None instead of
+    zeros when ``zeros`` is False and nothing came before), and the cache updated to x's last ``frames`` frames."""
+    cache = getattr(ctx, "time_cache", None)
+    key = (getattr(ctx, "tile", None), id(op))
+    prev = None if cache is None else cache.get(key)
+    if prev is None and not zeros:
+        out = x
+    else:
+        if prev is None:
+            prev = x.new_zeros(x.shape[:2] + (frames,) + x.shape[3:])
+        out = torch.cat([prev, x], 2)
+    if cache is not None:
+        cache[key] = out[:, :, -frames:].clone() if out.shape[2] >= frames else out.clone()
+    return out
+
+
+class CausalConv3d(Layer):
+    """An ``nn.Conv3d`` with stride 1, zero padding in space and causal padding in time (``2 * padding`` frames
+    before the first, none after): output frame t sees input frames t-2p..t."""
+
+    def __init__(self, conv: nn.Conv3d):
+        assert tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1)
+        self.m = conv
+        kt, kh, kw = conv.kernel_size
+        self.frames = kt - 1
+        self.pad = (kw // 2, kh // 2)
+
+    def _time(self, x, ctx):
+        if self.frames == 0:
+            return x
+        if getattr(ctx, "time_cache", None) is None:
+            return F.pad(x, (0, 0, 0, 0, self.frames, 0))
+        return _carry(x, ctx, self, self.frames)
+
+    def _conv(self, x, padding):
+        m = self.m
+        if m.kernel_size == (1, 1, 1):
+            b, c, t, h, w = x.shape
+            return _matmul_1x1(x.reshape(b, c, t * h, w), m.weight, m.bias).view(b, -1, t, h, w)
+        return F.conv3d(x, m.weight, m.bias, 1, padding)
+
+    def eager(self, x, own, ctx):
+        return self._conv(self._time(x, ctx), (0, self.pad[1], self.pad[0]))
+
+    def need(self, r):
+        return Region(r.y0 - self.pad[1], r.y1 + self.pad[1], r.x0 - self.pad[0], r.x1 + self.pad[0])
+
+    def apply(self, x, have, r, hw_in, ctx):
+        n = self.need(r)
+        x = zero_outside(crop(x, have, n), n, hw_in)
+        return self._conv(self._time(x, ctx), 0)
+
+    def channels(self, c):
+        return self.m.out_channels
+
+
+class RMSNorm(nn.Module):
+    """Unit L2 norm over channels per pixel, times sqrt(channels) and ``gamma`` (plus ``bias`` when it has one):
+    the Wan VAE's norm. ``gamma`` has shape (C, 1, 1) for frames or (C, 1, 1, 1) for videos, as the weights do."""
+
+    def __init__(self, dim: int, video: bool = True, bias: bool = False):
+        super().__init__()
+        shape = (dim, 1, 1, 1) if video else (dim, 1, 1)
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = F.normalize(xf, dim=1).to(x.dtype).mul_(self.gamma * self.scale)
+        return y.add_(self.bias) if self.bias is not None else y
+
+
+class PerFrame(Layer):
+    """A 2-D layer (``Conv``, ``Up``...) run on every frame of a video: time folded into the batch."""
+
+    def __init__(self, inner: Layer):
+        self.inner = inner
+        self.scale = inner.scale
+
+    @staticmethod
+    def _fold(x):
+        b, c, t, h, w = x.shape
+        return x.transpose(1, 2).reshape(b * t, c, h, w), b, t
+
+    @staticmethod
+    def _unfold(y, b, t):
+        return y.view(b, t, *y.shape[1:]).transpose(1, 2).contiguous()
+
+    def eager(self, x, own, ctx):
+        f, b, t = self._fold(x)
+        return self._unfold(self.inner.eager(f, True, ctx), b, t)
+
+    def size(self, hw):
+        return self.inner.size(hw)
+
+    def need(self, r):
+        return self.inner.need(r)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        n = self.inner.need(r)
+        f, b, t = self._fold(crop(x, have, n))
+        return self._unfold(self.inner.apply(f, n, r, hw_in, ctx), b, t)
+
+    def channels(self, c):
+        return self.inner.channels(c)
+
+
+class TimeDownsample(Layer):
+    """Halve the frames with a (3, 1, 1) conv of stride 2, keeping the first frame as it is: out[0] = x[0],
+    out[k] = conv(x[2k-2 : 2k+1]). In chunks: the first chunk (one frame) passes, then each chunk is convolved
+    after the previous chunk's last frame."""
+
+    def __init__(self, conv: nn.Conv3d):
+        self.m = conv
+
+    def _conv(self, x):
+        return F.conv3d(x, self.m.weight, self.m.bias, (2, 1, 1))
+
+    def _run(self, x, ctx):
+        if getattr(ctx, "time_cache", None) is None:
+            return x if x.shape[2] == 1 else torch.cat([x[:, :, :1], self._conv(x)], 2)
+        xin = _carry(x, ctx, self, 1, zeros=False)
+        return x if xin is x else self._conv(xin)
+
+    def eager(self, x, own, ctx):
+        return self._run(x, ctx)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return self._run(crop(x, have, r), ctx)
+
+
+class TimeUpsample(Layer):
+    """Double the frames after the first: a causal (3, 1, 1) conv to 2C channels over frames 1.., whose two
+    channel halves become two frames each. In chunks: the first chunk (one frame) passes, then the conv carries
+    its last two input frames."""
+
+    def __init__(self, conv: nn.Conv3d):
+        self.m = conv
+
+    def _up(self, x):
+        y = F.conv3d(x, self.m.weight, self.m.bias)
+        b, c2, t, h, w = y.shape
+        return y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+
+    def _run(self, x, ctx):
+        cache = getattr(ctx, "time_cache", None)
+        if cache is None:
+            if x.shape[2] == 1:
+                return x
+            return torch.cat([x[:, :, :1], self._up(F.pad(x[:, :, 1:], (0, 0, 0, 0, 2, 0)))], 2)
+        key = (getattr(ctx, "tile", None), id(self), "started")
+        if key not in cache:  # the first chunk passes
+            cache[key] = True
+            return x
+        return self._up(_carry(x, ctx, self, 2))
+
+    def eager(self, x, own, ctx):
+        return self._run(x, ctx)
+
+    def apply(self, x, have, r, hw_in, ctx):
+        return self._run(crop(x, have, r), ctx)
+
+
+class FrameAttention(Layer):
+    """Single-head attention over each frame's pixels with its RMS norm, 1x1 qkv and output projections and
+    residual (the Wan VAE's mid-block attention): global in space, per frame in time. Frames run one at a time,
+    queries in blocks of ``Attention.BLOCK``."""
+
+    local = False
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn
+
+    def frame(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        b, c, h, w = x.shape
+        qkv = a.to_qkv(a.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, HW, 3C)
+        q, k, v = qkv.chunk(3, dim=-1)
+        n = q.shape[-2]
+        if n <= Attention.BLOCK:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = q.new_empty(q.shape)
+            for s in range(0, n, Attention.BLOCK):
+                out[..., s:s + Attention.BLOCK, :] = F.scaled_dot_product_attention(q[..., s:s + Attention.BLOCK, :], k, v)
+        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        return a.proj(out).add_(x)
+
+    def eager(self, x, own, ctx):
+        out = torch.empty_like(x)
+        for t in range(x.shape[2]):
+            out[:, :, t] = self.frame(x[:, :, t])
+        return out

@@ -45,6 +45,18 @@ def variant_for_format(latent_format: Any) -> str | None:
     return None
 
 
+def decoder_needed_for_format(latent_format: Any) -> str | None:
+    """For a latent format of a family the pack has no preview decoder for (Wan 2.1 / Qwen-Image): the name of
+    the decoder a preview would need (``Family.preview_decoders``), else None."""
+    cls = latent_format if isinstance(latent_format, type) else type(latent_format)
+    for klass in cls.__mro__:
+        for rec in registry.FAMILIES.values():
+            variant = rec.latent_formats.get(klass.__name__)
+            if variant is not None and variant in rec.preview_decoders:
+                return f"{rec.name} ({variant}): {rec.preview_decoders[variant]}"
+    return None
+
+
 def decoder_file_names(variant: str) -> tuple[str, ...]:
     """The file names looked for in vae_approx (the same prefix rule as ComfyUI's own previewer)."""
     return (f"{variant}_decoder.safetensors", f"{variant}_decoder.pth")

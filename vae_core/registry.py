@@ -5,11 +5,12 @@ Registering a family is one line here; the recipe is in ``family.py``.
 """
 from __future__ import annotations
 
-from . import asym, dc, flux2, kl, tiny
+from . import asym, dc, flux2, kl, tiny, wan
 from .errors import VAEError
 from .family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (asym.FAMILY, flux2.FAMILY, kl.FAMILY, dc.FAMILY, tiny.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (asym.FAMILY, flux2.FAMILY, kl.FAMILY, dc.FAMILY, tiny.FAMILY,
+                                                    wan.FAMILY)}
 
 
 def get(name: str) -> Family:

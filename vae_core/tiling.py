@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import memory, ops, registry, stream
+from . import memory, ops, registry, stream, video
 from .errors import VAEError, VAEInterrupted
 from .ops import Chain
 
@@ -65,6 +65,7 @@ class Tiling:
     tile_size: int = 512  # pixels, for both directions
     overlap: int = 64  # pixels; accepted for compatibility, exactness does not depend on it (see module doc)
     store: str = "auto"  # where full-resolution activations live between sweeps: auto | ram | disk | device
+    time_chunk: int = 1  # video families: latent frames per causal chunk (0: all frames at once); see video.py
 
     def __post_init__(self):
         if not isinstance(self.tile_size, int) or self.tile_size < MIN_TILE:
@@ -73,6 +74,8 @@ class Tiling:
             raise VAEError(f"overlap must be an integer >= 0 pixels, got {self.overlap!r}")
         if self.store not in STORES:
             raise VAEError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
+        if not isinstance(self.time_chunk, int) or self.time_chunk < 0:
+            raise VAEError(f"time_chunk must be an integer >= 0 latent frames (0: all at once), got {self.time_chunk!r}")
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,9 @@ def as_tiling(tile: Any) -> Tiling | None | str:
     if isinstance(tile, Tiling):
         return tile
     if isinstance(tile, dict):
-        unknown = set(tile) - {"tile_size", "overlap", "store"}
+        unknown = set(tile) - {"tile_size", "overlap", "store", "time_chunk"}
         if unknown:
-            raise VAEError(f"tile dict has unknown keys {sorted(unknown)}; use tile_size, overlap, store")
+            raise VAEError(f"tile dict has unknown keys {sorted(unknown)}; use tile_size, overlap, store, time_chunk")
         return Tiling(**{k: (int(v) if k != "store" else v) for k, v in tile.items()})
     raise VAEError(f"tile must be None (auto), False, True, a Tiling or a dict, got {type(tile).__name__}")
 
@@ -227,6 +230,8 @@ def execute(vae, model, fn_name, x, tile, progress=None, should_stop=None, **kw)
     """
     direction = _direction(fn_name)
     shape = tuple(x.shape)
+    if x.ndim == 5:
+        return execute_video(vae, model, direction, x, tile, progress, should_stop)
     hw, batch, dtype = _image_hw(vae, direction, shape), shape[0], x.dtype
     plan = resolve(vae, fn_name, shape, tile, dtype)
     items = _slice_items(vae, direction, hw, plan, dtype, batch)
@@ -254,6 +259,66 @@ def execute(vae, model, fn_name, x, tile, progress=None, should_stop=None, **kw)
         log.warning("vae_core: %s of %dx%d (batch %d) ran out of memory with %s; it succeeded with %s (the result "
                     "equals the untiled one)", direction, hw[1], hw[0], batch, ", then ".join(failed),
                     _describe(plan, items, batch))
+    return out
+
+
+def resolve_video(vae, direction: str, shape, tile, dtype) -> Tiling | None:
+    """-> None (untiled: every frame at once) or the Tiling of a video run (auto: whole frames in causal chunks,
+    and tiles too when one chunk of whole frames does not fit)."""
+    t = as_tiling(tile)
+    if t is None:
+        return None
+    room = AUTO_FRACTION * _free_bytes(vae.device)
+    if t == "auto":
+        if video.estimate(vae.model, direction, shape, None, 0, dtype)["device_bytes"] <= room:
+            return None
+        t = Tiling(NODE_TILE_MAX)
+        while t.tile_size > FALLBACK_MIN_TILE and \
+                video.estimate(vae.model, direction, shape, t.tile_size, 1, dtype)["device_bytes"] > room:
+            t = Tiling(t.tile_size // 2)
+    size, lap, _ = correct_tiling(t.tile_size, t.overlap, vae.downscale)
+    return Tiling(size, lap, t.store, t.time_chunk)
+
+
+def execute_video(vae, model, direction: str, x, tile, progress=None, should_stop=None):
+    """``execute`` for [B,C,T,H,W]: video.run in the tiles and chunks ``tile`` asks for; on an allocation
+    failure, retried in one-latent-frame chunks with halved tiles down to FALLBACK_MIN_TILE (exact either way)."""
+    shape, dtype = tuple(x.shape), x.dtype
+    plan = resolve_video(vae, direction, shape, tile, dtype)
+    failed = []
+    while True:
+        host = None
+        try:
+            if plan is None:
+                out = getattr(model, direction)(x)
+                if progress is not None:
+                    progress(1, 1)
+            else:
+                out = video.run(model, direction, x, plan.tile_size, plan.time_chunk, plan.store, progress, should_stop)
+                if direction == "encode":
+                    out = tuple(out.chunk(2, dim=1)) if out.shape[1] == 2 * model.latent_channels else (out, None)
+        except Exception as e:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
+            if not memory.is_oom(e):
+                raise
+            host = memory.host_ran_out(e, x.device)
+        if host is None:
+            break
+        memory.release(x.device)
+        failed.append("untiled" if plan is None else f"{plan.tile_size} px tiles, {plan.time_chunk} frame chunks")
+        if should_stop is not None and should_stop():
+            raise VAEInterrupted(f"{direction} cancelled between retries")
+        biggest = max(shape[-2:]) * (vae.downscale if direction == "decode" else 1)
+        size = Tiling().tile_size if plan is None else plan.tile_size // 2
+        while size >= biggest and size > FALLBACK_MIN_TILE:
+            size //= 2
+        if plan is not None and plan.tile_size <= FALLBACK_MIN_TILE:
+            raise VAEError(f"the {vae.family} VAE ran out of memory for a video {direction} of shape {list(shape)} "
+                           f"even in {FALLBACK_MIN_TILE} px tiles and one-frame chunks (tried: {'; '.join(failed)}). "
+                           "Try fewer frames per run, a smaller batch, freeing memory or a bf16/fp16 VAE")
+        plan = Tiling(max(size, FALLBACK_MIN_TILE), 0, "ram", 1)
+    if failed:
+        log.warning("vae_core: video %s ran out of memory with %s; it succeeded with %s px tiles in one-frame chunks "
+                    "(the result equals the untiled one)", direction, ", then ".join(failed), plan.tile_size)
     return out
 
 
@@ -431,6 +496,14 @@ def estimate(vae_or_model, direction: str, image_hw, tiling: Tiling | None, dtyp
     family = family or getattr(vae_or_model, "family", None)
     if _half(model, direction) is None:
         return {"device_bytes": None, "store_bytes": None, "work_bytes": None, "tiles": None}
+    if getattr(model, "video", False):  # one frame of a video family: video.py's own model of a run
+        f = model.downscale
+        h, w = (int(image_hw[0]), int(image_hw[1]))
+        shape = (batch, model.latent_channels, 1, h // f, w // f) if direction == "decode" else (batch, 3, 1, h, w)
+        est = video.estimate(model, direction, shape, None if tiling is None else tiling.tile_size, 0 if tiling is None
+                             else tiling.time_chunk, dtype)
+        tiles = 1 if tiling is None else len(ops.grid((h, w), tiling.tile_size))
+        return {**est, "work_bytes": est["device_bytes"], "tiles": tiles}
     hw = tuple(int(v) for v in image_hw)
     es = _bytes(dtype)
     cpu = getattr(getattr(vae_or_model, "device", None), "type", "cpu") == "cpu"

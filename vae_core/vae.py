@@ -39,6 +39,15 @@ class VAE:
         self.scaling_factor: float = float(self.config.get("scaling_factor") or 1.0)
         self.shift_factor: float = float(self.config.get("shift_factor") or 0.0)
         self.upcast_reason = upcast_reason
+        # video families (wan): [B,C,T,H,W] tensors, a per-channel diffusion space
+        self.video: bool = bool(getattr(model, "video", False))
+        self.time_downscale: int = int(getattr(model, "time_downscale", 1))
+        self.latents_mean = self.latents_std = None
+        from .registry import FAMILIES
+        rec = FAMILIES.get(family)
+        if rec is not None and rec.channel_stats and self.config.get("latents_mean") is not None:
+            self.latents_mean = torch.tensor(self.config["latents_mean"], dtype=torch.float32)
+            self.latents_std = torch.tensor(self.config["latents_std"], dtype=torch.float32)
         self._fp32_model: nn.Module | None = None
         self.to(device, dtype)
 
@@ -70,16 +79,26 @@ class VAE:
                 f"downscale={self.downscale}, dtype={self.dtype}, device={self.device})")
 
     # -------------------------------------------------------------------------------- latent spaces
+    def _channel_stats(self, z: torch.Tensor):
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        return (self.latents_mean.to(z.device, z.dtype).view(shape), self.latents_std.to(z.device, z.dtype).view(shape))
+
     def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
         own = getattr(self.model, "to_diffusion", None)  # FLUX.2: patchify + BatchNorm statistics
         if own is not None:
             return own(z)
+        if self.latents_mean is not None:  # per channel, as diffusers' Wan/Qwen-Image pipelines and ComfyUI's Wan21
+            mean, std = self._channel_stats(z)
+            return (z - mean) * self.scaling_factor / std
         return (z - self.shift_factor) * self.scaling_factor
 
     def from_diffusion(self, z: torch.Tensor) -> torch.Tensor:
         own = getattr(self.model, "from_diffusion", None)
         if own is not None:
             return own(z)
+        if self.latents_mean is not None:
+            mean, std = self._channel_stats(z)
+            return z * std / self.scaling_factor + mean
         return z / self.scaling_factor + self.shift_factor
 
     @property
@@ -101,6 +120,8 @@ class VAE:
 
     # -------------------------------------------------------------------------------- checks
     def _check_images(self, images: Any) -> torch.Tensor:
+        if self.video and isinstance(images, torch.Tensor) and images.ndim == 5:
+            return check_video(images, self.time_downscale)
         return check_images(images, "images", "encoding")
 
     def _check_latents(self, latents: Any, space: str = "raw") -> torch.Tensor:
@@ -109,6 +130,11 @@ class VAE:
             raise VAEError(f"latents must be a torch.Tensor [B,C,h,w], got {type(latents).__name__}")
         if latents.ndim == 3 and latents.shape[0] == want:
             latents = latents.unsqueeze(0)
+        if self.video and latents.ndim == 5:
+            if latents.shape[2] < 1:
+                raise VAEError(f"video latents must have at least one frame, got shape {list(latents.shape)}")
+            self._check_latents(latents.transpose(1, 2).flatten(0, 1))  # every frame as a [B,C,h,w] latent
+            return latents
         if latents.ndim != 4:
             raise VAEError(f"latents must be 4-D [B,{want},h,w], got shape {list(latents.shape)}")
         c = latents.shape[1]
@@ -165,9 +191,14 @@ class VAE:
         f = self.downscale
         h, w = x.shape[-2:]
         ph, pw = (-h) % f, (-w) % f
+        frame = self.video and x.ndim == 4  # an image batch through a video VAE: one frame each, same rank back
+        if frame:
+            x = x.unsqueeze(2)
         if ph or pw:  # pad to a multiple of the downscale factor; the latent covers the padded image
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+            x = F.pad(x, (0, pw, 0, ph, 0, 0) if x.ndim == 5 else (0, pw, 0, ph), mode="replicate")
         mean, logvar = self._run("encode", x, tile, progress, should_stop)
+        if frame:
+            mean, logvar = mean.squeeze(2), None if logvar is None else logvar.squeeze(2)
         if self.native_space == "diffusion":
             mean = self.from_diffusion(mean)
         z = mean
@@ -196,7 +227,9 @@ class VAE:
             kw, crop = prepare(z, image, mask)
         if self.native_space == "diffusion":
             z = self.to_diffusion(z)
-        out = self._run("decode", z, tile, progress, should_stop, **kw)
+        frame = self.video and z.ndim == 4
+        out = self._run("decode", z.unsqueeze(2) if frame else z, tile, progress, should_stop, **kw)
+        out = out.squeeze(2) if frame else out
         if crop is not None:
             out = out[..., : crop[0], : crop[1]]
         return out.to(out_dtype)
@@ -226,7 +259,23 @@ def check_images(images: Any, what: str, purpose: str) -> torch.Tensor:
     return images
 
 
+def check_video(video: torch.Tensor, time_downscale: int = 4) -> torch.Tensor:
+    """A video batch [B,3,T,H,W] with T = 1 + 4k frames, floating point, finite; else a VAEError."""
+    if video.shape[1] != 3:
+        hint = " (channels last? permute to [B,3,T,H,W])" if video.shape[-1] == 3 else ""
+        raise VAEError(f"videos must be [B,3,T,H,W], got shape {list(video.shape)}{hint}")
+    t = video.shape[2]
+    if t < 1 or (t - 1) % time_downscale:
+        k = (t - 1) // time_downscale
+        raise VAEError(f"a video needs 1 + {time_downscale}k frames (this VAE compresses time {time_downscale}x after "
+                       f"the first frame), got {t}: use {1 + k * time_downscale} or {1 + (k + 1) * time_downscale} frames")
+    check_images(video[:, :, 0], "videos", "encoding")
+    if not torch.isfinite(video).all():
+        raise VAEError("there are NaN or Inf values in videos; clean them before encoding")
+    return video
+
+
 def _latent_channel_hint(c: int) -> str:
-    known = {4: "4 channels is SD1.x/SD2/SDXL", 16: "16 channels is SD3 or FLUX.1", 32: "32 channels is DC-AE f32c32 "
+    known = {4: "4 channels is SD1.x/SD2/SDXL", 16: "16 channels is SD3, FLUX.1 or Wan 2.1 / Qwen-Image", 32: "32 channels is DC-AE f32c32 "
              "(SANA) or FLUX.2", 128: "128 channels is DC-AE f64c128 or patchified FLUX.2", 512: "512 is DC-AE f128c512"}
     return known.get(c, f"no released VAE family here uses {c} channels")

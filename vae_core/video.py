@@ -1,0 +1,197 @@
+"""Exact tiled runs of video networks ([B,C,T,H,W]): space in tiles through halos, time in causal chunks.
+
+The network is its ``describe()`` (``wan.py``), cut at its global ops (the per-frame attention) into segments.
+Every other op is local in space and causal in time, so a local segment runs tile by tile (each tile reads the
+halo its layers need, derived from the layers as in ``stream``), and within a tile chunk by chunk in time: the
+first chunk is the first frame, then ``time_chunk`` latent frames (4x as many image frames) at a time, each causal
+op carrying its last input frames from one chunk to the next (``ops.EagerContext.time_cache``, one per tile).
+That is what diffusers and ComfyUI do over whole frames, so chunking changes nothing but float rounding. A global
+segment (the frame attention) runs frame by frame over the whole frame.
+
+Between segments the activations of the whole video live in a store (host RAM; the device for
+store='device'), as ``stream``'s buffers do: the compute device holds one tile of one chunk and its carried
+frames. Results equal the untiled run up to float rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .errors import VAEError, VAEInterrupted
+from .ops import Chain, Region, grid
+
+
+def segments(model, direction: str) -> list:
+    """The description cut at its global ops: local ``Chain``s and global ops, in order."""
+    out, cur = [], []
+    for layer in Chain(model.describe(direction)).layers:
+        if layer.local:
+            cur.append(layer)
+            continue
+        if cur:
+            out.append(Chain(cur))
+            cur = []
+        out.append(layer)
+    if cur:
+        out.append(Chain(cur))
+    return out
+
+
+def time_scale(layer) -> float:
+    """Output frames per input frame of a layer (after the first frame)."""
+    if isinstance(layer, ops.TimeDownsample):
+        return 0.5
+    if isinstance(layer, ops.TimeUpsample):
+        return 2.0
+    if isinstance(layer, ops.Chain):
+        return math.prod(time_scale(sub) for sub in layer.layers)
+    if isinstance(layer, ops.Residual):
+        return time_scale(layer.main)
+    return 1.0
+
+
+def chunks(frames: int, size: int) -> list[tuple[int, int]]:
+    """[0, frames) as the first frame, then spans of ``size`` frames (0: all the rest at once)."""
+    size = size if size > 0 else max(frames - 1, 1)
+    return [(0, 1)] + [(t, min(frames, t + size)) for t in range(1, frames, size)]
+
+
+def _read(h: torch.Tensor, t0: int, t1: int, n: Region, device, dtype) -> torch.Tensor:
+    """Frames [t0, t1) of ``h`` over region n, zero where n lies outside the frame."""
+    hw = tuple(h.shape[-2:])
+    v = n.clip(hw)
+    x = h[:, :, t0:t1, v.y0:v.y1, v.x0:v.x1].to(device, dtype)
+    if v != n:
+        x = F.pad(x, (v.x0 - n.x0, n.x1 - v.x1, v.y0 - n.y0, n.y1 - v.y1))
+    return x
+
+
+class _Progress:
+    def __init__(self, total: int, progress, should_stop):
+        self.total, self.done, self.progress, self.should_stop = max(total, 1), 0, progress, should_stop
+
+    def check(self):
+        if self.should_stop is not None and self.should_stop():
+            raise VAEInterrupted("cancelled between tiles")
+
+    def tick(self):
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+
+def plan(model, direction: str, shape, tile_px: int, time_chunk: int) -> list[dict]:
+    """Per segment: its op, input and output (frames, h, w), tile grid and chunk size (latent frames)."""
+    f = model.downscale
+    frames, h, w = shape[2], shape[3], shape[4]
+    tf = model.time_downscale if direction == "encode" else 1  # buffer frames per latent frame
+    px = 1 if direction == "encode" else f  # image pixels per buffer pixel
+    out = []
+    for seg in segments(model, direction):
+        ts = time_scale(seg)
+        frames_out = 1 + int(round((frames - 1) * ts))
+        if seg.local:
+            hw_out = seg.size((h, w))
+            px_out = px / seg.scale
+            tiles = grid(hw_out, max(1, int(tile_px // px_out))) if tile_px else [Region(0, hw_out[0], 0, hw_out[1])]
+            step = {"op": seg, "tiles": tiles, "chunk": int(round(time_chunk * tf)), "hw_out": hw_out}
+        else:
+            hw_out, px_out = (h, w), px
+            step = {"op": seg, "tiles": None, "chunk": 0, "hw_out": hw_out}
+        step.update(frames=frames, frames_out=frames_out, hw=(h, w))
+        out.append(step)
+        frames, (h, w), px, tf = frames_out, hw_out, px_out, tf * ts
+    return out
+
+
+def run(model, direction: str, x: torch.Tensor, tile_px: int | None, time_chunk: int, store: str = "ram",
+        progress=None, should_stop=None) -> torch.Tensor:
+    """The whole ``direction`` of a video network on x [B,C,T,H,W], in tiles of ``tile_px`` image pixels (None:
+    whole frames) and chunks of ``time_chunk`` latent frames (0: all frames at once)."""
+    device, dtype = x.device, x.dtype
+    keep = device if store == "device" else torch.device("cpu")
+    steps = plan(model, direction, x.shape, tile_px or 0, time_chunk)
+    total = sum(len(s["tiles"]) * len(chunks(s["frames"], s["chunk"])) if s["tiles"] else 1 for s in steps)
+    prog = _Progress(total, progress, should_stop)
+    h = x
+    for s in steps:
+        op = s["op"]
+        prog.check()
+        if s["tiles"] is None:
+            ctx = ops.EagerContext()
+            h = op.eager(h.to(device), False, ctx).to(keep)
+            prog.tick()
+            continue
+        out = None
+        for r in s["tiles"]:
+            n = op.need(r)
+            ctx = ops.EagerContext()
+            ctx.time_cache = {}
+            t_out = 0
+            for t0, t1 in chunks(s["frames"], s["chunk"]):
+                prog.check()
+                y = op.apply(_read(h, t0, t1, n, device, dtype), n, r, s["hw"], ctx)
+                if out is None:
+                    out = torch.empty(y.shape[:2] + (s["frames_out"],) + tuple(s["hw_out"]), dtype=y.dtype, device=keep)
+                out[:, :, t_out:t_out + y.shape[2], r.y0:r.y1, r.x0:r.x1] = y
+                t_out += y.shape[2]
+                del y
+                prog.tick()
+            if t_out != s["frames_out"]:
+                raise VAEError(f"internal: a tile produced {t_out} frames, {s['frames_out']} expected")
+            del ctx
+        h = out
+    return h.to(device)
+
+
+# ================================================================================================ estimates
+def _peak_2d(layer, c: int, hw) -> int:
+    from .tiling import eager_peak
+    return eager_peak(layer, c, hw)[2]
+
+
+def estimate(model, direction: str, shape, tile_px: int | None, time_chunk: int, dtype=torch.float32) -> dict:
+    """Bytes a run holds at its peak, a model (not a measurement): untiled (tile_px None, time_chunk 0), the
+    network's description run on shapes per frame times the frames in flight; tiled, one tile of one chunk plus
+    its carried frames, and the store (the activations between segments)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    b = shape[0]
+    steps = plan(model, direction, shape, tile_px or 0, time_chunk)
+    work, stored = 0, 0
+    c = shape[1]
+    for s in steps:
+        op, frames, ts = s["op"], s["frames"], time_scale(s["op"])
+        if not time_chunk or s["chunk"] == 0 or frames == 1:
+            inflight = max(frames, s["frames_out"])
+        else:
+            inflight = max(min(frames - 1, s["chunk"]) * max(1.0, ts), 1)
+        if s["tiles"] is None:
+            work = max(work, _peak_2d(op, c, s["hw"]) * inflight)
+        else:
+            r = max(s["tiles"], key=lambda t: t.h * t.w)
+            n = op.need(r)
+            carried = 0
+            if time_chunk and frames > 1:  # two frames of every causal conv's input over the tile
+                carried = 2 * sum(layer.m.in_channels * (n.h * scale) * (n.w * scale)
+                                  for layer, scale in _walk(op, 1.0) if isinstance(layer, ops.CausalConv3d)
+                                  and layer.frames)
+            work = max(work, _peak_2d(op, c, (n.h, n.w)) * inflight + carried)
+        c = op.channels(c)
+        stored = max(stored, c * s["frames_out"] * math.prod(s["hw_out"]))
+    return {"device_bytes": int(work * b * es), "store_bytes": int(stored * b * es)}
+
+
+def _walk(layer, scale: float):
+    """(op, its input resolution relative to the segment's input) for every op of a segment."""
+    if isinstance(layer, ops.Chain):
+        for sub in layer.layers:
+            yield from _walk(sub, scale)
+            scale *= sub.scale
+    elif isinstance(layer, ops.Residual):
+        yield from _walk(layer.main, scale)
+        yield from _walk(layer.skip, scale)
+    else:
+        yield layer, scale
