@@ -131,9 +131,13 @@ def run(model, direction: str, x: torch.Tensor, tile_px: int | None, time_chunk:
             ctx = ops.EagerContext()
             ctx.time_cache = {}
             t_out = 0
+            whole = len(s["tiles"]) == 1  # whole frames: the eager path, no halo read past the frame's edges
             for t0, t1 in chunks(s["frames"], s["chunk"]):
                 prog.check()
-                y = op.apply(_read(h, t0, t1, n, device, dtype), n, r, s["hw"], ctx)
+                if whole:
+                    y = op.eager(h[:, :, t0:t1].to(device, dtype), False, ctx)
+                else:
+                    y = op.apply(_read(h, t0, t1, n, device, dtype), n, r, s["hw"], ctx)
                 if out is None:
                     out = torch.empty(y.shape[:2] + (s["frames_out"],) + tuple(s["hw_out"]), dtype=y.dtype, device=keep)
                 out[:, :, t_out:t_out + y.shape[2], r.y0:r.y1, r.x0:r.x1] = y
