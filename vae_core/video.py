@@ -149,8 +149,10 @@ def run(model, direction: str, x: torch.Tensor, tile_px: int | None, time_chunk:
             ctx.time_cache = {}
             t_out = 0
             whole = len(s["tiles"]) == 1  # whole frames: the eager path, no halo read past the frame's edges
-            for t0, t1 in chunks(s["frames"], s["chunk"]):
+            spans = chunks(s["frames"], s["chunk"])
+            for t0, t1 in spans:
                 prog.check()
+                ctx.time_final = t1 == spans[-1][1]
                 if whole:
                     y = op.eager(h[:, :, t0:t1].to(device, dtype), False, ctx)
                 else:
