@@ -187,3 +187,16 @@ def test_out_of_memory_fallback_retries_a_video_in_tiles_and_chunks(tiny, monkey
     monkeypatch.setattr(type(model), "decode", real)
     assert (got - want).abs().max().item() < 1e-3
     assert "ran out of memory" in caplog.text
+
+
+def test_estimates_widget_and_bounded_peak_model():
+    from vae_core import video, wan
+    from vae_core.tiling import plan_grid
+
+    plan = plan_grid(1024, 1024, 512, 64, mode="decode", family="wan", tiling="always")
+    assert plan["count"] == 4 and 0 < plan["memory"]["per_tile_bytes"] < plan["memory"]["untiled_bytes"]
+    with torch.device("meta"):
+        model = wan.build({})
+    untiled = [video.estimate(model, "decode", (1, 16, t, 60, 104), None, 0)["device_bytes"] for t in (5, 21)]
+    tiled = [video.estimate(model, "decode", (1, 16, t, 60, 104), 256, 1)["device_bytes"] for t in (5, 21)]
+    assert untiled[1] > 3 * untiled[0] and tiled[1] == tiled[0] and tiled[1] < untiled[1] / 4
