@@ -171,3 +171,32 @@ def test_preview_names_the_decoder_wan_latents_need():
     assert variant_for_format(Wan21) is None
     need = decoder_needed_for_format(Wan21())
     assert need is not None and "wan" in need and "taew2_1" in need and "TAEHV" in need
+
+
+def test_out_of_memory_fallback_retries_a_video_in_tiles_and_chunks(tiny, monkeypatch, caplog):
+    z = torch.randn(1, 16, 2, 5, 7, generator=torch.Generator().manual_seed(4))
+    want = tiny.decode(z, tile=False)
+    model = tiny.model
+    real = type(model).decode
+
+    def fails(self, x):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+
+    monkeypatch.setattr(type(model), "decode", fails)
+    got = tiny.decode(z, tile=False)  # untiled fails: retried in exact tiles and one-frame chunks
+    monkeypatch.setattr(type(model), "decode", real)
+    assert (got - want).abs().max().item() < 1e-3
+    assert "ran out of memory" in caplog.text
+
+
+def test_estimates_widget_and_bounded_peak_model():
+    from vae_core import video, wan
+    from vae_core.tiling import plan_grid
+
+    plan = plan_grid(1024, 1024, 512, 64, mode="decode", family="wan", tiling="always")
+    assert plan["count"] == 4 and 0 < plan["memory"]["per_tile_bytes"] < plan["memory"]["untiled_bytes"]
+    with torch.device("meta"):
+        model = wan.build({})
+    untiled = [video.estimate(model, "decode", (1, 16, t, 60, 104), None, 0)["device_bytes"] for t in (5, 21)]
+    tiled = [video.estimate(model, "decode", (1, 16, t, 60, 104), 256, 1)["device_bytes"] for t in (5, 21)]
+    assert untiled[1] > 3 * untiled[0] and tiled[1] == tiled[0] and tiled[1] < untiled[1] / 4

@@ -100,6 +100,7 @@ class EagerContext:
         # the time axis (video families): None runs every frame at once; a dict makes the causal time ops carry
         # their last input frames from one chunk of frames to the next, keyed by (``tile``, op)
         self.time_cache: dict | None = None
+        self.time_final = False  # the last chunk: nothing to carry
         self.tile = None
 
 
@@ -733,7 +734,7 @@ def _carry(x: torch.Tensor, ctx, op, frames: int, zeros: bool = True) -> torch.T
         if prev is None:
             prev = x.new_zeros(x.shape[:2] + (frames,) + x.shape[3:])
         out = torch.cat([prev, x], 2)
-    if cache is not None:
+    if cache is not None and not getattr(ctx, "time_final", False):  # nothing comes after the last chunk
         cache[key] = out[:, :, -frames:].clone() if out.shape[2] >= frames else out.clone()
     return out
 

@@ -59,14 +59,31 @@ def chunks(frames: int, size: int) -> list[tuple[int, int]]:
     return [(0, 1)] + [(t, min(frames, t + size)) for t in range(1, frames, size)]
 
 
-def _read(h: torch.Tensor, t0: int, t1: int, n: Region, device, dtype) -> torch.Tensor:
-    """Frames [t0, t1) of ``h`` over region n, zero where n lies outside the frame."""
-    hw = tuple(h.shape[-2:])
-    v = n.clip(hw)
-    x = h[:, :, t0:t1, v.y0:v.y1, v.x0:v.x1].to(device, dtype)
-    if v != n:
-        x = F.pad(x, (v.x0 - n.x0, n.x1 - v.x1, v.y0 - n.y0, n.y1 - v.y1))
-    return x
+def tile_apply(layer, x: torch.Tensor, have: Region, r: Region, hw, ctx) -> torch.Tensor:
+    """``layer.apply`` with every intermediate region clipped to its buffer: a tile at the frame's edge computes
+    nothing past the edge (every spatial op here zero-pads outside its buffer, so the zeros read there instead
+    are exact). ``x`` covers ``have``; returns the output over ``r``."""
+    if isinstance(layer, ops.Chain):
+        sizes = [tuple(hw)]
+        for sub in layer.layers:
+            sizes.append(sub.size(sizes[-1]))
+        regions = [r]
+        for i in range(len(layer.layers) - 1, 0, -1):
+            regions.append(layer.layers[i].need(regions[-1]).clip(sizes[i]))
+        regions.reverse()  # regions[i]: the output region of layer i
+        for sub, out, size in zip(layer.layers, regions, sizes):
+            x, have = tile_apply(sub, x, have, out, size, ctx), out
+        return x
+    if isinstance(layer, ops.Residual):
+        y = tile_apply(layer.main, x, have, r, hw, ctx)
+        y = y.add_(tile_apply(layer.skip, x, have, r, hw, ctx)) if layer.skip.layers else y + ops.crop(x, have, r)
+        return layer.post.eager(y, True, ctx) if layer.post is not None else y
+    n = layer.need(r)
+    if not n.inside(have):  # zeros past the buffer's edge (the part inside the buffer is in x)
+        v = n.clip(tuple(hw))
+        x = F.pad(ops.crop(x, have, v), (v.x0 - n.x0, n.x1 - v.x1, v.y0 - n.y0, n.y1 - v.y1))
+        have = n
+    return layer.apply(x, have, r, hw, ctx)
 
 
 class _Progress:
@@ -127,13 +144,19 @@ def run(model, direction: str, x: torch.Tensor, tile_px: int | None, time_chunk:
             continue
         out = None
         for r in s["tiles"]:
-            n = op.need(r)
+            n = op.need(r).clip(s["hw"])
             ctx = ops.EagerContext()
             ctx.time_cache = {}
             t_out = 0
-            for t0, t1 in chunks(s["frames"], s["chunk"]):
+            whole = len(s["tiles"]) == 1  # whole frames: the eager path, no halo read past the frame's edges
+            spans = chunks(s["frames"], s["chunk"])
+            for t0, t1 in spans:
                 prog.check()
-                y = op.apply(_read(h, t0, t1, n, device, dtype), n, r, s["hw"], ctx)
+                ctx.time_final = t1 == spans[-1][1]
+                if whole:
+                    y = op.eager(h[:, :, t0:t1].to(device, dtype), False, ctx)
+                else:
+                    y = tile_apply(op, h[:, :, t0:t1, n.y0:n.y1, n.x0:n.x1].to(device, dtype), n, r, s["hw"], ctx)
                 if out is None:
                     out = torch.empty(y.shape[:2] + (s["frames_out"],) + tuple(s["hw_out"]), dtype=y.dtype, device=keep)
                 out[:, :, t_out:t_out + y.shape[2], r.y0:r.y1, r.x0:r.x1] = y
