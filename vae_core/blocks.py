@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .ops import Attention as AttentionOp
-from .ops import Conv, Described, Norm, Residual, Up
+from .ops import Conv, Described, Norm, Residual, UpConv
 
 
 def group_norm(num_channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
@@ -44,14 +44,14 @@ class Downsample2D(Described):
 
 
 class Upsample2D(Described):
-    """Nearest x2, then a 3x3 conv."""
+    """Nearest x2, then a 3x3 conv (computed at the low resolution: ``ops.UpConv``)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def describe(self):
-        return [Up(2), Conv(self.conv)]
+        return [UpConv(self.conv)]
 
 
 class Attention(Described):
