@@ -42,7 +42,10 @@ def standin_note(what: str) -> str:
 # A node: (id, type, pos, widgets {input name: value} in the node's widget order, links {input name: (id, slot)},
 # outputs [(name, type)], extra UI-only widget values appended after a named widget).
 def node(nid, kind, pos, widgets=None, links=None, outputs=(), size=(320, 200), after=None):
-    return {"id": nid, "type": kind, "pos": pos, "widgets": dict(widgets or {}), "links": dict(links or {}),
+    widgets = dict(widgets or {})
+    if kind == "VAESuiteDecodeTiled":  # its last widget, the frontend shows it for every VAE
+        widgets.setdefault("temporal_size", 4)
+    return {"id": nid, "type": kind, "pos": pos, "widgets": widgets, "links": dict(links or {}),
             "outputs": list(outputs), "size": list(size), "after": dict(after or {})}
 
 
