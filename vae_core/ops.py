@@ -510,28 +510,8 @@ class Norm(Layer):
         act(activation)  # unknown names are refused when the network is described
 
     def eager(self, x, own, ctx):
-        y = group_norm(x, self.norm, out=x if own else None)
+        y = self.norm(x)
         return ACTIVATIONS[self.act](y, True) if self.act else y
-
-
-def group_norm(x: torch.Tensor, norm: nn.GroupNorm, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``norm(x)`` written to ``out`` (``x`` itself: in place). The moments are float32 sums over rows of at most
-    64K elements, added in float64, so they stay exact to float32 rounding on any map size; one read for them and
-    one multiply-add, which on CPU is faster than ``F.group_norm`` at high resolution."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())):
-        return norm(x)  # autograd (a caller training through the network) needs the out-of-place op
-    b, c, h, w = x.shape
-    g = norm.num_groups
-    rows = x.view(b, g, -1, w if h * w > 65536 else h * w)
-    n = rows.shape[2] * rows.shape[3]
-    mean = rows.sum(3, dtype=torch.float32).sum(2, dtype=torch.float64).div_(n)
-    sq = torch.linalg.vector_norm(rows, dim=3, dtype=torch.float32).square_().sum(2, dtype=torch.float64).div_(n)
-    rstd = (sq - mean * mean).clamp_(min=0).add_(norm.eps).rsqrt_().float().repeat_interleave(c // g, 1)
-    mean = mean.float().repeat_interleave(c // g, 1)
-    scale = rstd if norm.weight is None else rstd * norm.weight.detach().float()
-    shift = -mean * scale if norm.bias is None else norm.bias.detach().float() - mean * scale
-    scale, shift = scale.to(x.dtype).view(b, c, 1, 1), shift.to(x.dtype).view(b, c, 1, 1)
-    return torch.addcmul(shift, x, scale, out=out if out is not None else torch.empty_like(x))
 
 
 class Attention(Layer):

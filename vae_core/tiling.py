@@ -447,8 +447,6 @@ def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False)
         return c2, hw2, n(c2, hw2) + (n(c, (hw[0] + 1, hw[1] + 1)) if layer.explicit_pad else 0)
     if isinstance(layer, ops.UpConv):  # the padded input, the output and one phase
         return c2, hw2, n(c, (hw[0] + 2, hw[1] + 2)) + n(c2, hw2) + n(c2, hw2) // 4
-    if isinstance(layer, ops.Norm):  # in place on an owned input
-        return c2, hw2, 0 if own else n(c2, hw2)
     if isinstance(layer, ops.Module):  # a per-pixel norm: a squared copy (and a clone when it may not overwrite)
         return c2, hw2, n(c2, hw2) * (1 if own else 2)
     if isinstance(layer, ops.Fn) and not isinstance(layer, stream.Affine):

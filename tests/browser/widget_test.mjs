@@ -254,7 +254,7 @@ async function runRenderer(browser, renderer, index) {
   c("prompt_accepted", resp.status() === 200 && !!answer.prompt_id, { status: resp.status(), answer });
   facts[`${renderer}_prompt_id`] = answer.prompt_id;
   const wfNode = body.extra_data?.extra_pnginfo?.workflow?.nodes?.find((n) => String(n.id) === String(id));
-  c("workflow_widgets_values", JSON.stringify(wfNode?.widgets_values) === JSON.stringify(["auto", 768, 96]),
+  c("workflow_widgets_values", JSON.stringify(wfNode?.widgets_values) === JSON.stringify(["auto", 768, 96, 4]),  // + temporal_size's default
     wfNode?.widgets_values);
 
   // a finished run: the widget shows the run's own size and VAE (the test VAE has one level: f1, so the
