@@ -32,7 +32,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
 import torch  # noqa: E402
 
-from measure import PeakRSS  # noqa: E402
+from measure import one_call  # noqa: E402
 
 SD1 = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
@@ -59,23 +59,6 @@ def comfy_model(sd: dict, device, dtype):
     import comfy.sd
 
     return comfy.sd.VAE(sd=sd).first_stage_model.to(device, dtype).eval()
-
-
-def measure(fn, device) -> tuple[float, int]:
-    import time
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with PeakRSS() as m:
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    del out
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else m.peak - m.base
-    return dt, peak
 
 
 def main() -> None:
@@ -128,7 +111,7 @@ def main() -> None:
                 peaks: dict[str, int] = {n: 0 for n in names}
                 for r in range(a.rounds):
                     for name in names[r % len(names):] + names[: r % len(names)]:
-                        dt, pk = measure(impls[name], device)
+                        dt, pk = one_call(impls[name], device)
                         times[name].append(dt)
                         peaks[name] = max(peaks[name], pk)
             work = flops(ref, op, size)

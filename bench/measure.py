@@ -32,26 +32,35 @@ class PeakRSS:
         self.peak = max(self.peak, rss())
 
 
+def one_call(fn, device) -> tuple[float, int]:
+    """(seconds, peak memory rise) of one ``fn()``: CUDA: max_memory_allocated over the call; CPU: the process's
+    peak RSS over the call. The result is dropped before the peak is read."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with PeakRSS() as m:
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    del out
+    return dt, (torch.cuda.max_memory_allocated() - base if device.type == "cuda" else m.peak - m.base)
+
+
 def time_and_peak(fn, inp, reps: int, device) -> dict:
-    """Median time of ``reps`` calls after one warm-up (or one cold call for reps=0) and the peak memory rise:
-    CUDA: max_memory_allocated over the call; CPU: the process's peak RSS over the call."""
+    """Median time of ``reps`` calls after one warm-up (or one cold call for reps=0) and the peak memory rise
+    (``one_call``)."""
     import torch
 
     times, peak = [], 0
     with torch.inference_mode():
         for i in range(reps + 1):  # the first call warms up (allocator, oneDNN primitives)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            with PeakRSS() as m:
-                t0 = time.perf_counter()
-                out = fn(inp)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-            del out
-            peak = max(peak, torch.cuda.max_memory_allocated() - base if device.type == "cuda" else m.peak - m.base)
+            dt, pk = one_call(lambda: fn(inp), device)
+            peak = max(peak, pk)
             if i > 0 or reps == 0:
                 times.append(dt)
     return {"time": sorted(times)[len(times) // 2], "peak": peak}
