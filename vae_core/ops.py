@@ -703,20 +703,24 @@ def halo(chain: Chain, tile: int) -> int:
 # are. These add the time axis: causal in time, so a run in chunks of frames equals a run on all frames when each
 # op carries its last input frames from one chunk to the next (``EagerContext.time_cache``).
 def _carry(x: torch.Tensor, ctx, op, frames: int, zeros: bool = True) -> torch.Tensor | None:
-    """``x`` with the ``frames`` frames before it in time prepended (zeros before the first frame; None instead of
-    zeros when ``zeros`` is False and nothing came before), and the cache updated to x's last ``frames`` frames."""
+    """``x`` with the ``frames`` frames before it in time prepended (zeros before the first frame; none when
+    ``zeros`` is False and nothing came before), and the cache updated to the last ``frames`` real frames."""
     cache = getattr(ctx, "time_cache", None)
     key = (getattr(ctx, "tile", None), id(op))
     prev = None if cache is None else cache.get(key)
-    if prev is None and not zeros:
-        out = x
-    else:
-        if prev is None:
-            prev = x.new_zeros(x.shape[:2] + (frames,) + x.shape[3:])
-        out = torch.cat([prev, x], 2)
+    seen = x if prev is None else torch.cat([prev, x], 2)
     if cache is not None and not getattr(ctx, "time_final", False):  # nothing comes after the last chunk
-        cache[key] = out[:, :, -frames:].clone() if out.shape[2] >= frames else out.clone()
-    return out
+        cache[key] = seen[:, :, -frames:].clone()
+    missing = frames - (0 if prev is None else prev.shape[2])
+    if zeros and missing > 0:
+        seen = torch.cat([x.new_zeros(x.shape[:2] + (missing,) + x.shape[3:]), seen], 2)
+    return seen
+
+
+def _fresh(ctx, op) -> bool:
+    """Nothing came before this chunk in time (no chunks, or the first): the causal padding is all zeros."""
+    cache = getattr(ctx, "time_cache", None)
+    return cache is None or (getattr(ctx, "tile", None), id(op)) not in cache
 
 
 class CausalConv3d(Layer):
@@ -730,22 +734,26 @@ class CausalConv3d(Layer):
         self.frames = kt - 1
         self.pad = (kw // 2, kh // 2)
 
-    def _time(self, x, ctx):
-        if self.frames == 0:
-            return x
-        if getattr(ctx, "time_cache", None) is None:
-            return F.pad(x, (0, 0, 0, 0, self.frames, 0))
-        return _carry(x, ctx, self, self.frames)
-
-    def _conv(self, x, padding):
+    def _conv(self, x, ctx, padding: bool):
         m = self.m
         if m.kernel_size == (1, 1, 1):
             b, c, t, h, w = x.shape
             return _matmul_1x1(x.reshape(b, c, t * h, w), m.weight, m.bias).view(b, -1, t, h, w)
-        return F.conv3d(x, m.weight, m.bias, 1, padding)
+        pad = (self.pad[1], self.pad[0]) if padding else (0, 0)
+        if x.shape[2] == 1 and _fresh(ctx, self):
+            # one frame after nothing (an image, or a video's first chunk): the earlier time taps read only zeros,
+            # so the conv is the 2-D conv of its last tap, a third of the work and no padded copy
+            if self.frames and getattr(ctx, "time_cache", None) is not None:
+                _carry(x, ctx, self, self.frames)
+            return F.conv2d(x[:, :, 0], m.weight[:, :, -1], m.bias, 1, pad).unsqueeze(2)
+        if getattr(ctx, "time_cache", None) is None:
+            x = F.pad(x, (0, 0, 0, 0, self.frames, 0))
+        elif self.frames:
+            x = _carry(x, ctx, self, self.frames)
+        return F.conv3d(x, m.weight, m.bias, 1, (0,) + pad)
 
     def eager(self, x, own, ctx):
-        return self._conv(self._time(x, ctx), (0, self.pad[1], self.pad[0]))
+        return self._conv(x, ctx, True)
 
     def need(self, r):
         return Region(r.y0 - self.pad[1], r.y1 + self.pad[1], r.x0 - self.pad[0], r.x1 + self.pad[0])
@@ -753,7 +761,7 @@ class CausalConv3d(Layer):
     def apply(self, x, have, r, hw_in, ctx):
         n = self.need(r)
         x = zero_outside(crop(x, have, n), n, hw_in)
-        return self._conv(self._time(x, ctx), 0)
+        return self._conv(x, ctx, False)
 
     def channels(self, c):
         return self.m.out_channels
