@@ -514,6 +514,49 @@ class Norm(Layer):
         return ACTIVATIONS[self.act](y, True) if self.act else y
 
 
+def sdpa_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
+    """Softmax attention (B, 1, N, C) with the queries in blocks of ``block``: each query row is independent, so
+    splitting them is exact and bounds the score matrix at block x N."""
+    n = q.shape[-2]
+    if n <= block:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = q.new_empty(q.shape)
+    for s in range(0, n, block):
+        out[..., s:s + block, :] = F.scaled_dot_product_attention(q[..., s:s + block, :], k, v)
+    return out
+
+
+def key_strips(hw: tuple[int, int], tokens: int) -> list[Region]:
+    """Full-width strips of a map, of about ``tokens`` tokens each (at least one row)."""
+    h, w = hw
+    rows = max(1, min(h, tokens // w))
+    return [Region(y, min(y + rows, h), 0, w) for y in range(0, h, rows)]
+
+
+def attend_streamed(q: torch.Tensor, strips: Callable, block: int) -> torch.Tensor:
+    """Exact softmax attention of float32 queries q (B, N, C), already scaled, against keys and values that
+    arrive in strips: ``strips()`` yields float32 (k, v) pairs of shape (B, M, C). Queries go ``block`` at a time
+    with a running max and normaliser per query (the log-sum-exp merge of flash attention), so only one score
+    block of block x M is ever held and the result equals full attention up to rounding."""
+    out = torch.empty_like(q)
+    for q0 in range(0, q.shape[1], block):
+        qb = q[:, q0:q0 + block]
+        m = torch.full(qb.shape[:2] + (1,), -math.inf, device=q.device)
+        den = torch.zeros_like(m)
+        acc = torch.zeros_like(qb)
+        for k, v in strips():
+            s = torch.bmm(qb, k.transpose(1, 2))
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            p = s.sub_(m_new).exp_()  # in place: one score block at a time
+            corr = torch.exp(m - m_new)
+            den = den * corr + p.sum(-1, keepdim=True)
+            acc = torch.baddbmm(acc * corr, p, v)
+            m = m_new
+            del s, p
+        out[:, q0:q0 + block] = acc / den
+    return out
+
+
 class Attention(Layer):
     """Single-head softmax attention over every pixel, with its GroupNorm and residual (blocks.Attention).
 
@@ -532,14 +575,7 @@ class Attention(Layer):
         tokens = a.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (a.to_q, a.to_k, a.to_v))  # (B, 1, HW, C)
         del tokens
-        n = q.shape[-2]
-        if n <= self.BLOCK:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:  # each query row is independent: splitting the queries is exact and bounds the score matrix
-            out = torch.empty_like(q)
-            for s in range(0, n, self.BLOCK):
-                out[..., s:s + self.BLOCK, :] = F.scaled_dot_product_attention(q[..., s:s + self.BLOCK, :], k, v)
-        out = a.to_out[0](out.squeeze(1))
+        out = a.to_out[0](sdpa_blocked(q, k, v, self.BLOCK).squeeze(1))
         return out.transpose(1, 2).reshape(b, c, h, w).add_(x)
 
 
@@ -877,28 +913,41 @@ class TimeUpsample(Layer):
 
 class FrameAttention(Layer):
     """Single-head attention over each frame's pixels with its RMS norm, 1x1 qkv and output projections and
-    residual (the Wan VAE's mid-block attention): global in space, per frame in time. Frames run one at a time,
-    queries in blocks of ``Attention.BLOCK``."""
+    residual (the Wan VAE's mid-block attention): global in space, per frame in time. Untiled, frames run one at
+    a time, queries in blocks of ``Attention.BLOCK``. Tiled (``video.frame_attention``), K and V of a frame are
+    written tile by tile (``keys_values``), then each query tile (``queries``) attends to them strip by strip
+    (``attend_streamed``) and ``finish`` projects it and adds the residual."""
 
     local = False
 
     def __init__(self, attn: nn.Module):
         self.attn = attn
 
+    def _project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """The ``part`` channels (of q, k, v in that order) of the qkv projection of x's RMS norm: (B, C', H, W)."""
+        a = self.attn
+        bias = a.to_qkv.bias
+        return F.conv2d(a.norm(x), a.to_qkv.weight[part], None if bias is None else bias[part])
+
+    def keys_values(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        return self._project(x, slice(c, 3 * c))
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled float32 query tokens (B, HW, C)."""
+        c = x.shape[1]
+        return self._project(x, slice(0, c)).flatten(2).transpose(1, 2).float() * c ** -0.5
+
+    def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Attention output tokens (B, HW, C) of the frame tile x -> proj(out) + x."""
+        b, c, h, w = x.shape
+        return self.attn.proj(out.to(x.dtype).transpose(1, 2).reshape(b, c, h, w)).add_(x)
+
     def frame(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn
-        b, c, h, w = x.shape
         qkv = a.to_qkv(a.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, HW, 3C)
         q, k, v = qkv.chunk(3, dim=-1)
-        n = q.shape[-2]
-        if n <= Attention.BLOCK:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = q.new_empty(q.shape)
-            for s in range(0, n, Attention.BLOCK):
-                out[..., s:s + Attention.BLOCK, :] = F.scaled_dot_product_attention(q[..., s:s + Attention.BLOCK, :], k, v)
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
-        return a.proj(out).add_(x)
+        return self.finish(sdpa_blocked(q, k, v, Attention.BLOCK).squeeze(1), x)
 
     def eager(self, x, own, ctx):
         out = torch.empty_like(x)

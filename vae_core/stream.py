@@ -450,37 +450,24 @@ def attention_step(attn, x: str, kv: str, out: str, xbuf: Buf) -> Custom:
         else:
             store.alloc(out, (ctx.batch, c) + ctx.hw(xbuf))
         tiles = ctx.tiles(xbuf)
-        h_all, w_all = ctx.hw(xbuf)
         # keys/values stream in full-width strips of about block tokens; queries go block at a time, so the
         # score matrix is at most block x block whatever the tile and latent size
         block = min(block_max, max(r.h * r.w for r in tiles))  # scales with the tile, at most BLOCK
-        rows = max(1, min(h_all, block // w_all))
-        key_blocks = [Region(y, min(y + rows, h_all), 0, w_all) for y in range(0, h_all, rows)]
+        strips = ops.key_strips(ctx.hw(xbuf), block)
+
+        def keys_values():
+            for rk in strips:
+                kvt = store.buffers[kv].read(rk, ctx.device, ctx.dtype).flatten(2).transpose(1, 2).float()
+                yield kvt[..., :c], kvt[..., c:]
+
         for r in tiles:
             ctx.check_stop()
             xt = store.buffers[x].read(r, ctx.device, ctx.dtype)
             b, _, h, w = xt.shape
             tok = norm(xt, ctx).flatten(2).transpose(1, 2)
-            q_all = F.linear(tok, attn.to_q.weight, attn.to_q.bias).float() * scale
+            q = F.linear(tok, attn.to_q.weight, attn.to_q.bias).float() * scale
             del tok
-            o = torch.empty_like(q_all)
-            for q0 in range(0, q_all.shape[1], block):
-                q = q_all[:, q0:q0 + block]
-                m = torch.full(q.shape[:2] + (1,), -math.inf, device=q.device)
-                den = torch.zeros_like(m)
-                acc = torch.zeros_like(q)
-                for rk in key_blocks:
-                    kvt = store.buffers[kv].read(rk, ctx.device, ctx.dtype).flatten(2).transpose(1, 2).float()
-                    k, v = kvt[..., :c], kvt[..., c:]
-                    s = torch.bmm(q, k.transpose(1, 2))
-                    m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-                    p = s.sub_(m_new).exp_()  # in place: one score block at a time
-                    corr = torch.exp(m - m_new)
-                    den = den * corr + p.sum(-1, keepdim=True)
-                    acc = torch.baddbmm(acc * corr, p, v)
-                    m = m_new
-                    del s, p, kvt
-                o[:, q0:q0 + block] = acc / den
+            o = ops.attend_streamed(q, keys_values, block)
             o = F.linear(o.to(ctx.dtype), attn.to_out[0].weight, attn.to_out[0].bias)
             y = o.transpose(1, 2).reshape(b, c, h, w) + xt
             ctx.stats[out] = merge_moments(ctx.stats.get(out), moments(y))

@@ -434,7 +434,7 @@ def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False)
         if layer.skip.layers:
             peak = max(peak, n(c2, hw2) + eager_peak(layer.skip, c, hw, own)[2])
         return c2, hw2, peak
-    if isinstance(layer, ops.Attention):  # tokens, q, k, v, out, a transposed copy, and one score block
+    if isinstance(layer, (ops.Attention, ops.FrameAttention)):  # tokens, q, k, v, out, a copy, one score block
         tokens = hw[0] * hw[1]
         return c, hw, 6 * tokens * c + min(tokens, ops.Attention.BLOCK) * tokens
     if isinstance(layer, ops.LinearAttention):  # qkv, per multiscale kernel two 3C maps, the heads' output, y

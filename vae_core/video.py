@@ -14,6 +14,7 @@ frames. Results equal the untiled run up to float rounding.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,9 +116,10 @@ def plan(model, direction: str, shape, tile_px: int, time_chunk: int) -> list[di
             px_out = px / seg.scale
             tiles = grid(hw_out, max(1, int(tile_px // px_out))) if tile_px else [Region(0, hw_out[0], 0, hw_out[1])]
             step = {"op": seg, "tiles": tiles, "chunk": int(round(time_chunk * tf)), "hw_out": hw_out}
-        else:
+        else:  # the frame attention: query tiles of the local segments' size, at this resolution
             hw_out, px_out = (h, w), px
-            step = {"op": seg, "tiles": None, "chunk": 0, "hw_out": hw_out}
+            tiles = grid(hw_out, max(1, int(tile_px // px))) if tile_px else [Region(0, h, 0, w)]
+            step = {"op": seg, "tiles": tiles, "chunk": 0, "hw_out": hw_out}
         step.update(frames=frames, frames_out=frames_out, hw=(h, w))
         out.append(step)
         frames, (h, w), px, tf = frames_out, hw_out, px_out, tf * ts
@@ -131,16 +133,15 @@ def run(model, direction: str, x: torch.Tensor, tile_px: int | None, time_chunk:
     device, dtype = x.device, x.dtype
     keep = device if store == "device" else torch.device("cpu")
     steps = plan(model, direction, x.shape, tile_px or 0, time_chunk)
-    total = sum(len(s["tiles"]) * len(chunks(s["frames"], s["chunk"])) if s["tiles"] else 1 for s in steps)
+    total = sum(len(s["tiles"]) * (len(chunks(s["frames"], s["chunk"])) if s["op"].local else s["frames"])
+                for s in steps)
     prog = _Progress(total, progress, should_stop)
     h = x
     for s in steps:
         op = s["op"]
         prog.check()
-        if s["tiles"] is None:
-            ctx = ops.EagerContext()
-            h = op.eager(h.to(device), False, ctx).to(keep)
-            prog.tick()
+        if not op.local:
+            h = frame_attention(op, h, s["tiles"], device, dtype, keep, prog)
             continue
         out = None
         for r in s["tiles"]:
@@ -170,6 +171,37 @@ def run(model, direction: str, x: torch.Tensor, tile_px: int | None, time_chunk:
     return h.to(device)
 
 
+def frame_attention(op: ops.FrameAttention, h: torch.Tensor, tiles: list[Region], device, dtype, keep, prog):
+    """``op`` over the stored video h [B,C,T,H,W], frame by frame and streamed: a frame's keys and values are
+    written to the store tile by tile, then each query tile attends to them in full-width strips
+    (``ops.attend_streamed``), so the device holds one tile, one strip and one score block, whatever the frame
+    size and the number of frames."""
+    b, c, frames, hh, ww = h.shape
+    out = torch.empty_like(h, device=keep)
+    block = min(ops.Attention.BLOCK, max(r.h * r.w for r in tiles))
+    strips = ops.key_strips((hh, ww), block)
+
+    def keys_values(kv):
+        for rk in strips:
+            kvt = kv[:, :, rk.y0:rk.y1].to(device, dtype).flatten(2).transpose(1, 2).float()
+            yield kvt[..., :c], kvt[..., c:]
+
+    for t in range(frames):
+        kv = torch.empty((b, 2 * c, hh, ww), dtype=h.dtype, device=keep)
+        for r in tiles:
+            prog.check()
+            kv[:, :, r.y0:r.y1, r.x0:r.x1] = op.keys_values(h[:, :, t, r.y0:r.y1, r.x0:r.x1].to(device, dtype))
+        for r in tiles:
+            prog.check()
+            xt = h[:, :, t, r.y0:r.y1, r.x0:r.x1].to(device, dtype)
+            o = ops.attend_streamed(op.queries(xt), functools.partial(keys_values, kv), block)
+            out[:, :, t, r.y0:r.y1, r.x0:r.x1] = op.finish(o, xt)
+            del xt, o
+            prog.tick()
+        del kv
+    return out
+
+
 # ================================================================================================ estimates
 def _peak_2d(layer, c: int, hw) -> int:
     from .tiling import eager_peak
@@ -191,8 +223,16 @@ def estimate(model, direction: str, shape, tile_px: int | None, time_chunk: int,
             inflight = max(frames, s["frames_out"])
         else:
             inflight = max(min(frames - 1, s["chunk"]) * max(1.0, ts), 1)
-        if s["tiles"] is None:
+        extra = 0
+        if not op.local and tile_px is None:  # every frame at once
             work = max(work, _peak_2d(op, c, s["hw"]) * inflight)
+        elif not op.local:  # frame_attention: a query tile, a key strip and a score block; a frame's K and V stored
+            n = max(r.h * r.w for r in s["tiles"])
+            block = min(ops.Attention.BLOCK, n)
+            kb = ops.key_strips(s["hw"], block)[0]
+            kb = kb.h * kb.w
+            work = max(work, 6 * n * c + 4 * kb * c + 2 * block * kb)
+            extra = 2 * c * math.prod(s["hw"])
         else:
             r = max(s["tiles"], key=lambda t: t.h * t.w)
             n = op.need(r)
@@ -203,7 +243,7 @@ def estimate(model, direction: str, shape, tile_px: int | None, time_chunk: int,
                                   and layer.frames)
             work = max(work, _peak_2d(op, c, (n.h, n.w)) * inflight + carried)
         c = op.channels(c)
-        stored = max(stored, c * s["frames_out"] * math.prod(s["hw_out"]))
+        stored = max(stored, c * s["frames_out"] * math.prod(s["hw_out"]) + extra)
     return {"device_bytes": int(work * b * es), "store_bytes": int(stored * b * es)}
 
 
