@@ -234,32 +234,44 @@ def execute(vae, model, fn_name, x, tile, progress=None, should_stop=None, **kw)
         return execute_video(vae, model, direction, x, tile, progress, should_stop)
     hw, batch, dtype = _image_hw(vae, direction, shape), shape[0], x.dtype
     plan = resolve(vae, fn_name, shape, tile, dtype)
-    items = _slice_items(vae, direction, hw, plan, dtype, batch)
-    failed = []
-    while True:
-        host = None
-        try:
-            out = _sliced(vae, model, fn_name, x, plan, items, progress, should_stop, kw)
-        except Exception as e:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
-            if not memory.is_oom(e):
-                raise
-            host = memory.host_ran_out(e, x.device)
-        if host is None:
-            break
-        # outside the handler: the traceback and the tensors its frames held are gone
-        memory.release(x.device)
-        failed.append(_describe(plan, items, batch))
-        if should_stop is not None and should_stop():
-            raise VAEInterrupted(f"{direction} cancelled between retries")
-        nxt = _smaller(vae, direction, hw, plan, items, host, dtype, batch)
-        if nxt is None:
-            raise VAEError(_oom_message(vae, direction, hw, batch, dtype, failed, host))
-        plan, items = nxt
+    out, (plan, items), failed = _retrying(
+        (plan, _slice_items(vae, direction, hw, plan, dtype, batch)), x.device, direction, should_stop,
+        attempt=lambda a: _sliced(vae, model, fn_name, x, a[0], a[1], progress, should_stop, kw),
+        smaller=lambda a, host: _smaller(vae, direction, hw, a[0], a[1], host, dtype, batch),
+        describe=lambda a: _describe(a[0], a[1], batch),
+        give_up=lambda failed, host: _oom_message(vae, direction, hw, batch, dtype, failed, host))
     if failed:
         log.warning("vae_core: %s of %dx%d (batch %d) ran out of memory with %s; it succeeded with %s (the result "
                     "equals the untiled one)", direction, hw[1], hw[0], batch, ", then ".join(failed),
                     _describe(plan, items, batch))
     return out
+
+
+def _retrying(first, device, direction: str, should_stop, attempt, smaller, describe, give_up):
+    """Run ``attempt(plan)`` from ``first`` until it does not fail to allocate -> (output, the plan that worked,
+    descriptions of the plans that failed). After a failure (``memory.is_oom``; anything else is re-raised)
+    what the attempt held is released, a Cancel is honoured, and ``smaller(plan, host_ran_out)`` gives the next
+    plan; None there raises a VAEError with ``give_up(failed, host_ran_out)``."""
+    plan, failed = first, []
+    while True:
+        host = None
+        try:
+            out = attempt(plan)
+        except Exception as e:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
+            if not memory.is_oom(e):
+                raise
+            host = memory.host_ran_out(e, device)
+        if host is None:
+            return out, plan, failed
+        # outside the handler: the traceback and the tensors its frames held are gone
+        memory.release(device)
+        failed.append(describe(plan))
+        if should_stop is not None and should_stop():
+            raise VAEInterrupted(f"{direction} cancelled between retries")
+        nxt = smaller(plan, host)
+        if nxt is None:
+            raise VAEError(give_up(failed, host))
+        plan = nxt
 
 
 def resolve_video(vae, direction: str, shape, tile, dtype) -> Tiling | None:
@@ -284,38 +296,34 @@ def execute_video(vae, model, direction: str, x, tile, progress=None, should_sto
     """``execute`` for [B,C,T,H,W]: video.run in the tiles and chunks ``tile`` asks for; on an allocation
     failure, retried in one-latent-frame chunks with halved tiles down to FALLBACK_MIN_TILE (exact either way)."""
     shape, dtype = tuple(x.shape), x.dtype
-    plan = resolve_video(vae, direction, shape, tile, dtype)
-    failed = []
-    while True:
-        host = None
-        try:
-            if plan is None:
-                out = getattr(model, direction)(x)
-                if progress is not None:
-                    progress(1, 1)
-            else:
-                out = video.run(model, direction, x, plan.tile_size, plan.time_chunk, plan.store, progress, should_stop)
-                if direction == "encode":
-                    out = tuple(out.chunk(2, dim=1)) if out.shape[1] == 2 * model.latent_channels else (out, None)
-        except Exception as e:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
-            if not memory.is_oom(e):
-                raise
-            host = memory.host_ran_out(e, x.device)
-        if host is None:
-            break
-        memory.release(x.device)
-        failed.append("untiled" if plan is None else f"{plan.tile_size} px tiles, {plan.time_chunk} frame chunks")
-        if should_stop is not None and should_stop():
-            raise VAEInterrupted(f"{direction} cancelled between retries")
+
+    def attempt(plan):
+        if plan is None:
+            out = getattr(model, direction)(x)
+            if progress is not None:
+                progress(1, 1)
+            return out
+        out = video.run(model, direction, x, plan.tile_size, plan.time_chunk, plan.store, progress, should_stop)
+        if direction == "encode":
+            out = tuple(out.chunk(2, dim=1)) if out.shape[1] == 2 * model.latent_channels else (out, None)
+        return out
+
+    def smaller(plan, host):
+        if plan is not None and plan.tile_size <= FALLBACK_MIN_TILE:
+            return None
         biggest = max(shape[-2:]) * (vae.downscale if direction == "decode" else 1)
         size = Tiling().tile_size if plan is None else plan.tile_size // 2
         while size >= biggest and size > FALLBACK_MIN_TILE:
             size //= 2
-        if plan is not None and plan.tile_size <= FALLBACK_MIN_TILE:
-            raise VAEError(f"the {vae.family} VAE ran out of memory for a video {direction} of shape {list(shape)} "
-                           f"even in {FALLBACK_MIN_TILE} px tiles and one-frame chunks (tried: {'; '.join(failed)}). "
-                           "Try fewer frames per run, a smaller batch, freeing memory or a bf16/fp16 VAE")
-        plan = Tiling(max(size, FALLBACK_MIN_TILE), 0, "ram", 1)
+        return Tiling(max(size, FALLBACK_MIN_TILE), 0, "ram", 1)
+
+    out, plan, failed = _retrying(
+        resolve_video(vae, direction, shape, tile, dtype), x.device, direction, should_stop, attempt, smaller,
+        describe=lambda p: "untiled" if p is None else f"{p.tile_size} px tiles, {p.time_chunk} frame chunks",
+        give_up=lambda failed, host: (
+            f"the {vae.family} VAE ran out of memory for a video {direction} of shape {list(shape)} even in "
+            f"{FALLBACK_MIN_TILE} px tiles and one-frame chunks (tried: {'; '.join(failed)}). Try fewer frames per "
+            "run, a smaller batch, freeing memory or a bf16/fp16 VAE"))
     if failed:
         log.warning("vae_core: video %s ran out of memory with %s; it succeeded with %s px tiles in one-frame chunks "
                     "(the result equals the untiled one)", direction, ", then ".join(failed), plan.tile_size)
