@@ -12,6 +12,8 @@ the network's only definition:
 - Global ops (``Norm``, ``Attention``, ``LinearAttention``, ``Blend``) need the whole feature map; each says how
   it runs untiled here and how the streaming compiler handles it (``stream.Compiler``), so the two executions of
   GroupNorm, softmax attention and linear attention live side by side in this file, not in the families.
+- On large maps the eager convs run in bands of rows (``band_conv``, see BAND_ELEMENTS), a GroupNorm fused into
+  the conv after it (``norm_conv``): the same arithmetic, without whole-map temporaries.
 """
 from __future__ import annotations
 
@@ -164,10 +166,20 @@ class Conv(Layer):
     def _pointwise(self) -> bool:
         return self.k == (1, 1) and self.s == (1, 1) and self.m.groups == 1 and self.pad == (0, 0, 0, 0)
 
+    def banded(self, shape) -> bool:
+        """Whether an input of ``shape`` runs in bands of rows (``band_conv``): maps of more than BAND_ELEMENTS,
+        input or output."""
+        if len(shape) != 4:
+            return False
+        h, w = self.size(shape[2:])
+        return max(math.prod(shape), shape[0] * self.m.out_channels * h * w) > BAND_ELEMENTS
+
     def eager(self, x, own, ctx):
         m = self.m
         if self._pointwise():
             return _matmul_1x1(x, m.weight, m.bias)
+        if self.banded(x.shape):
+            return band_conv(self, x, None, own)
         if self.explicit_pad is not None:
             x = F.pad(x, self.explicit_pad)
             return F.conv2d(x, m.weight, m.bias, m.stride, 0, 1, m.groups)
@@ -368,23 +380,29 @@ class UpConv(Layer):
         self.m = conv
 
     @staticmethod
-    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int | None = None) -> torch.Tensor:
+        """The upsampled conv of x, ``rows`` input rows at a time (all at once by default): each band pads only its
+        own rows, and one phase of one band is all that is held beside the output."""
         def fold(w: torch.Tensor, dim: int) -> torch.Tensor:  # (.., 3, ..) -> (phase, .., 2, ..)
             w0, w1, w2 = w.unbind(dim)
             return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
 
         o = weight.shape[0]
         k = fold(fold(weight, 2), 4)  # (col phase, row phase, O, I, 2, 2)
-        xp = F.pad(x, (1, 1, 1, 1))
         b, _, h, w = x.shape
+        rows = rows or h
         out = x.new_empty(b, o, h, 2, w, 2)
-        for a in (0, 1):  # one phase at a time: the output and a quarter of it are all that is held
-            for c in (0, 1):
-                out[:, :, :, a, :, c] = F.conv2d(xp[..., a:a + h + 1, c:c + w + 1], k[c, a], bias)
+        for i0 in range(0, h, rows):
+            i1 = min(h, i0 + rows)
+            xp = F.pad(x[:, :, max(i0 - 1, 0):i1 + 1], (1, 1, int(i0 == 0), int(i1 == h)))
+            for a in (0, 1):
+                for c in (0, 1):
+                    out[:, :, i0:i1, a, :, c] = F.conv2d(xp[..., a:a + i1 - i0 + 1, c:c + w + 1], k[c, a], bias)
         return out.view(b, o, 2 * h, 2 * w)
 
     def eager(self, x, own, ctx):
-        return self.run(x, self.m.weight, self.m.bias)
+        rows = band_rows(x, x.shape[0] * self.m.out_channels * 4 * x.shape[3])
+        return self.run(x, self.m.weight, self.m.bias, rows)
 
     def size(self, hw):
         return hw[0] * 2, hw[1] * 2
@@ -411,8 +429,12 @@ class Chain(Layer):
         self.local = all(layer.local for layer in self.layers)
 
     def eager(self, x, own, ctx):
-        for layer in self.layers:
-            y = layer.eager(x, own, ctx)
+        layers, i = self.layers, 0
+        while i < len(layers):
+            if i + 1 < len(layers) and fuses(layers[i], layers[i + 1], x.shape):
+                y, i = norm_conv(layers[i], layers[i + 1], x, own), i + 2
+            else:
+                y, i = layers[i].eager(x, own, ctx), i + 1
             own = own or y is not x
             x = y
         return x
@@ -479,8 +501,19 @@ class Residual(Layer):
 
     def eager(self, x, own, ctx):
         y = self.main.eager(x, False, ctx)
-        y = y.add_(self.skip.eager(x, own, ctx))
+        if self.banded_skip(y.shape):
+            rows = band_rows(y)  # a 1x1 conv skip, a band at a time into the sum: its output is never whole
+            for r in range(0, y.shape[2], rows):
+                y[:, :, r:r + rows] += self.skip.eager(x[:, :, r:r + rows], False, ctx)
+        else:
+            y = y.add_(self.skip.eager(x, own, ctx))
         return self.post.eager(y, True, ctx) if self.post is not None else y
+
+    def banded_skip(self, shape) -> bool:
+        """Whether the skip runs a band of rows at a time into the sum: 1x1 convs, on a large output."""
+        skip = self.skip.layers
+        return bool(skip) and len(shape) == 4 and math.prod(shape) > BAND_ELEMENTS and all(
+            isinstance(layer, Conv) and layer._pointwise() for layer in skip)
 
     def size(self, hw):
         return self.main.size(hw)
@@ -498,10 +531,63 @@ class Residual(Layer):
 
 
 # ================================================================================================ global ops
+def moments(x: torch.Tensor) -> torch.Tensor:
+    """Per (batch, channel) [count, mean, M2] of a map, float64, for exact merging (Chan et al.).
+
+    The sums run over ``x`` minus a per-channel shift taken from a sparse sample of it, so they are of values near
+    zero mean and E[d²] - E[d]² does not cancel even on a flat map; one band of rows at a time, so the shifted copy
+    is never whole (and a plain sum is several times faster than ``var_mean``)."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    b, c, h, w = xf.shape
+    shift = xf[:, :, ::8, ::8].mean((2, 3), keepdim=True)
+    s1 = torch.zeros(b, c, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s1)
+    rows = band_rows(xf)
+    buf = torch.empty_like(xf[:, :, :rows], memory_format=torch.contiguous_format)
+    for y0 in range(0, h, rows):
+        part = xf[:, :, y0:y0 + rows]
+        d = torch.sub(part, shift, out=buf[:, :, :part.shape[2]])
+        s1 += d.sum((2, 3))
+        s2 += d.square_().sum((2, 3))
+    n = float(h * w)
+    mean = shift[:, :, 0, 0].double() + s1 / n
+    return torch.stack([torch.full_like(s1, n), mean, (s2 - s1 * s1 / n).clamp_(min=0)])
+
+
+def merge_moments(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """Chan's parallel merge of [count, mean, M2] along dim 0 (elementwise over the trailing dims)."""
+    if a is None:
+        return b
+    na, ma, qa = a
+    nb, mb, qb = b
+    n = na + nb
+    d = mb - ma
+    return torch.stack([n, ma + d * nb / n, qa + qb + d * d * na * nb / n])
+
+
+def group_affine(norm: torch.nn.GroupNorm, mom: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm with the statistics ``mom`` ([3, B, C] per channel) as a per-(B, C) scale and shift."""
+    n, mean, m2 = mom
+    b, c = mean.shape
+    g = norm.num_groups
+    n, mean, m2 = (t.reshape(b, g, c // g) for t in (n, mean, m2))
+    gn = n.sum(-1)
+    gmean = (n * mean).sum(-1) / gn
+    gm2 = (m2 + n * (mean - gmean[..., None]) ** 2).sum(-1)
+    rstd = torch.rsqrt(gm2 / gn + norm.eps)  # (B, G)
+    scale = rstd.repeat_interleave(c // g, dim=1)
+    shift = -gmean.repeat_interleave(c // g, dim=1) * scale
+    if norm.affine:
+        w, bias = norm.weight.double(), norm.bias.double()
+        scale, shift = scale * w, shift * w + bias
+    return scale.to(dtype)[..., None, None], shift.to(dtype)[..., None, None]
+
+
 class Norm(Layer):
-    """GroupNorm (then an activation): whole-map statistics. Untiled: ``F.group_norm``. Tiled: the compiler
-    stores its input with exact per-channel moments, and the norm becomes a known per-channel affine map
-    (``stream.gn_act``), fused into the next conv."""
+    """GroupNorm (then an activation): whole-map statistics. Untiled: ``F.group_norm``; or, on a large map
+    followed by a conv, fused into that conv (``norm_conv``). Tiled: the compiler stores its input with
+    exact per-channel moments, and the norm becomes a known per-channel affine map (``stream.gn_act``), fused
+    into the next conv."""
 
     local = False
 
@@ -512,6 +598,82 @@ class Norm(Layer):
     def eager(self, x, own, ctx):
         y = self.norm(x)
         return ACTIVATIONS[self.act](y, True) if self.act else y
+
+
+# ================================================================================================ banded eager ops
+# Untiled, the convs (and a GroupNorm before one, the upsampling conv, a 1x1-conv skip) on maps of more than this
+# many elements run a band of rows at a time: the output is the only whole map they allocate. A normed map, a
+# padded copy, the conv library's layout copies and a skip's output exist one band (about this size) at a time.
+# On SD1-config KL at 512² that halves the decode's peak and takes 0.4 off the encode's, at the same speed
+# (bench/bench_peers.py).
+BAND_ELEMENTS = 1 << 22
+
+
+def fuses(norm: Layer, conv: Layer, shape) -> bool:
+    """A GroupNorm and the conv after it run as one ``norm_conv`` on an input of ``shape``."""
+    return isinstance(norm, Norm) and isinstance(conv, Conv) and conv.banded(shape)
+
+
+def band_rows(x: torch.Tensor, per_row: int | None = None) -> int:
+    """Rows per band: about BAND_ELEMENTS per band (``per_row``: the elements a row costs, by default x's)."""
+    return max(8, BAND_ELEMENTS // (per_row or x.numel() // x.shape[2]))
+
+
+def band_conv(conv: Conv, x: torch.Tensor, pre: Callable | None = None, own: bool = False) -> torch.Tensor:
+    """``conv(pre(x))`` one band of output rows at a time: the band's input rows go into one reused
+    zero-bordered buffer (the conv's zero padding comes after ``pre``; the halo rows a band shares with the next
+    stay in it), so neither ``pre(x)``, nor a padded copy of x, nor the conv library's layout copies of the whole
+    map are ever held. ``pre(src, dst)`` writes its result into ``dst``. The output goes into ``x`` itself when
+    the caller owns it and the conv keeps its shape: every later band reads only rows below those written."""
+    left, right, top, _ = conv.pad
+    kh, sh = conv.k[0], conv.s[0]
+    b_, c, h, w = x.shape
+    h_out, w_out = conv.size((h, w))
+    m = conv.m
+    if own and sh == 1 and kh - 1 >= top and (m.out_channels, h_out, w_out) == (c, h, w):
+        out = x
+    else:
+        out = x.new_empty((b_, m.out_channels, h_out, w_out))
+    rows = min(band_rows(x, b_ * max(c * w * sh, m.out_channels * w_out)), h_out)
+    buf = x.new_zeros((b_, c, (rows - 1) * sh + kh, w + left + right))
+    lo = hi = -top  # buf's first row is input row lo; input rows up to hi are in it
+    for y0 in range(0, h_out, rows):
+        y1 = min(h_out, y0 + rows)
+        a, b = y0 * sh - top, (y1 - 1) * sh - top + kh  # the input rows this band reads, padding included
+        if hi > a:  # the rows the previous band read too
+            buf[:, :, :hi - a] = buf[:, :, a - lo:hi - lo].clone()
+        f0, f1 = max(hi, a, 0), min(b, h)
+        if f1 > f0:
+            dst = buf[:, :, f0 - a:f1 - a, left:left + w]
+            if pre is None:
+                dst.copy_(x[:, :, f0:f1])
+            else:
+                pre(x[:, :, f0:f1], dst)
+        z = max(f1, hi, a)
+        if b > z:  # rows below the map: padding
+            buf[:, :, z - a:b - a].zero_()
+        band = buf[:, :, :b - a]
+        if conv._pointwise():
+            out[:, :, y0:y1] = _matmul_1x1(band, m.weight, m.bias)
+        else:
+            out[:, :, y0:y1] = F.conv2d(band, m.weight, m.bias, conv.s, 0, 1, m.groups)
+        lo, hi = a, b
+    return out
+
+
+def norm_conv(norm: Norm, conv: Conv, x: torch.Tensor, own: bool = False) -> torch.Tensor:
+    """``conv(norm(x))`` without the whole normed map: the GroupNorm's exact statistics become a per-channel
+    affine map (``group_affine``), applied with the activation band by band inside ``band_conv``."""
+    scale, shift = group_affine(norm.norm, moments(x), x.dtype)
+
+    def pre(src, dst):
+        torch.addcmul(shift, src, scale, out=dst)
+        if norm.act:
+            y = ACTIVATIONS[norm.act](dst, True)
+            if y is not dst:
+                dst.copy_(y)
+
+    return band_conv(conv, x, pre, own)
 
 
 def sdpa_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:

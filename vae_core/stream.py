@@ -39,53 +39,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .errors import VAEInterrupted
-from .ops import Chain, Layer, Region, grid
-
-
-# ================================================================================================ stats
-def moments(x: torch.Tensor) -> torch.Tensor:
-    """Per (batch, channel) [count, mean, M2] of a tile, float64, for exact merging (Chan et al.)."""
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    b, c, h, w = xf.shape
-    n = float(h * w)
-    if not xf.is_contiguous() and xf.is_contiguous(memory_format=torch.channels_last):
-        # channels-last tiles (the disk store's layout): var_mean is slow on this layout; two passes over the
-        # (B, HW, C) view are fast and just as exact (centred sum of squares)
-        flat = xf.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        mean = flat.mean(1)
-        var = (flat - mean[:, None]).square_().sum(1) / n
-    else:
-        var, mean = torch.var_mean(xf, dim=(2, 3), correction=0)
-    return torch.stack([torch.full_like(mean, n, dtype=torch.float64), mean.double(), var.double() * n])
-
-
-def merge_moments(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    """Chan's parallel merge of [count, mean, M2] along dim 0 (elementwise over the trailing dims)."""
-    if a is None:
-        return b
-    na, ma, qa = a
-    nb, mb, qb = b
-    n = na + nb
-    d = mb - ma
-    return torch.stack([n, ma + d * nb / n, qa + qb + d * d * na * nb / n])
-
-
-def group_affine(norm: torch.nn.GroupNorm, mom: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm with the statistics ``mom`` ([3, B, C] per channel) as a per-(B, C) scale and shift."""
-    n, mean, m2 = mom
-    b, c = mean.shape
-    g = norm.num_groups
-    n, mean, m2 = (t.reshape(b, g, c // g) for t in (n, mean, m2))
-    gn = n.sum(-1)
-    gmean = (n * mean).sum(-1) / gn
-    gm2 = (m2 + n * (mean - gmean[..., None]) ** 2).sum(-1)
-    rstd = torch.rsqrt(gm2 / gn + norm.eps)  # (B, G)
-    scale = rstd.repeat_interleave(c // g, dim=1)
-    shift = -gmean.repeat_interleave(c // g, dim=1) * scale
-    if norm.affine:
-        w, bias = norm.weight.double(), norm.bias.double()
-        scale, shift = scale * w, shift * w + bias
-    return scale.to(dtype)[..., None, None], shift.to(dtype)[..., None, None]
+from .ops import Chain, Layer, Region, grid, group_affine, merge_moments, moments
 
 
 def gn_act(norm: torch.nn.GroupNorm, key: str, act: str | None) -> Callable:

@@ -422,6 +422,11 @@ def _bytes(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+# A banded op (ops.band_conv, the banded UpConv and skip) holds about this many bands at once: its input band,
+# the band's result, and the conv library's layout copies of both.
+BAND_WORK = 4
+
+
 def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False) -> tuple[int, tuple[int, int], int]:
     """Run a description on shapes only, as ``Layer.eager`` runs it on tensors -> (channels out, size out, peak
     elements the op allocates at once, its output included; its input is the caller's).
@@ -432,14 +437,19 @@ def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False)
         return ch * s[0] * s[1]
 
     if isinstance(layer, ops.Chain):
-        peak, held = 0, 0
-        for i, sub in enumerate(layer.layers):
-            c, hw_out, p = eager_peak(sub, c, hw, own or i > 0)
-            peak, held, hw = max(peak, held + p), n(c, hw_out), hw_out
+        peak, held, subs, i = 0, 0, layer.layers, 0
+        while i < len(subs):
+            mine = own or i > 0
+            if i + 1 < len(subs) and ops.fuses(subs[i], subs[i + 1], (1, c, *hw)):  # the norm allocates nothing
+                i += 1
+            c, hw_out, p = eager_peak(subs[i], c, hw, mine)
+            peak, held, hw, i = max(peak, held + p), n(c, hw_out), hw_out, i + 1
         return c, hw, peak
     if isinstance(layer, ops.Residual):
         c2, hw2, peak = eager_peak(layer.main, c, hw)
-        if layer.skip.layers:
+        if layer.banded_skip((1, c2, *hw2)):
+            peak = max(peak, n(c2, hw2) + BAND_WORK * ops.BAND_ELEMENTS)
+        elif layer.skip.layers:
             peak = max(peak, n(c2, hw2) + eager_peak(layer.skip, c, hw, own)[2])
         return c2, hw2, peak
     if isinstance(layer, (ops.Attention, ops.FrameAttention)):  # tokens, q, k, v, out, a copy, one score block
@@ -451,10 +461,13 @@ def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False)
     if isinstance(layer, ops.Blend):  # x * m, feature * (1 - m), their sum
         return c, hw, 3 * n(c, hw)
     c2, hw2 = layer.channels(c), layer.size(hw)
+    if isinstance(layer, ops.Conv) and not layer._pointwise() and layer.banded((1, c, *hw)):
+        in_place = own and layer.s == (1, 1) and (c2, hw2) == (c, hw) and layer.k[0] - 1 >= layer.pad[2]
+        return c2, hw2, (0 if in_place else n(c2, hw2)) + BAND_WORK * ops.BAND_ELEMENTS
     if isinstance(layer, ops.Conv):
         return c2, hw2, n(c2, hw2) + (n(c, (hw[0] + 1, hw[1] + 1)) if layer.explicit_pad else 0)
-    if isinstance(layer, ops.UpConv):  # the padded input, the output and one phase
-        return c2, hw2, n(c, (hw[0] + 2, hw[1] + 2)) + n(c2, hw2) + n(c2, hw2) // 4
+    if isinstance(layer, ops.UpConv):  # the padded input, the output and one phase (of a band, on large maps)
+        return c2, hw2, n(c2, hw2) + min(n(c, (hw[0] + 2, hw[1] + 2)) + n(c2, hw2) // 4, BAND_WORK * ops.BAND_ELEMENTS)
     if isinstance(layer, ops.Module):  # a per-pixel norm: a squared copy (and a clone when it may not overwrite)
         return c2, hw2, n(c2, hw2) * (1 if own else 2)
     if isinstance(layer, ops.Fn) and not isinstance(layer, stream.Affine):
@@ -463,10 +476,11 @@ def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False)
 
 
 # The process's memory over a run's tensors, measured on CPU (bench/bench_estimate.py: every family, both
-# directions, two sizes each, untiled and tiled): oneDNN's layout reorders of conv inputs and outputs add about a
-# third to the tensors a run holds (more for tiles: many medium-sized blocks the allocator keeps), and by a
-# decoder's peak, at its last layers, reorder buffers about a quarter of its conv weights' size are held too.
-CPU_FACTOR = 1.3
+# directions, two sizes each, untiled and tiled): oneDNN's layout reorders of conv inputs and outputs add a
+# seventh to the tensors an untiled run holds (its large convs run in bands, so their reorders are a band's; more
+# for tiles: whole-tile reorders, and many medium-sized blocks the allocator keeps), and by a decoder's peak, at
+# its last layers, reorder buffers about a quarter of its conv weights' size are held too.
+CPU_FACTOR = 1.15
 CPU_TILE_FACTOR = 1.8
 CPU_DECODER_WEIGHTS = 0.25
 
