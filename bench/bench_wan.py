@@ -123,6 +123,7 @@ def main() -> None:
         print(f"device {a.device}, {a.dtype}, tiles {a.tile} px, chunks of 1 latent frame (4 video frames)")
         print(f"{'op':6} {'HxWxT':>12} | {'impl':9} {'mode':8} | {'time s':>8} {'peak MiB':>9}")
         todo = [(op, s, r) for op, s in cases for r in runs]
+        results: dict = {}
         if a.long:
             todo += [("decode", shape(a.long), r) for r in (("ours", "untiled"), ("ours", "tiled"))]
         for op, s, (impl, mode) in todo:
@@ -135,8 +136,24 @@ def main() -> None:
                       f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[op, s, impl, mode] = r
             print(f"{op:6} {'x'.join(map(str, s)):>12} | {impl:9} {mode:8} | {r['time']:8.2f} {r['peak'] / 2**20:9.0f}",
                   flush=True)
+        print_ratios(results)
+
+
+def print_ratios(results: dict) -> None:
+    """Ours (untiled and tiled) over each peer's untiled run of the same case: time and peak."""
+    print("\nours / peer (untiled peer), time and peak:")
+    for (op, s, impl, mode), r in results.items():
+        if impl != "ours":
+            continue
+        cells = []
+        for peer in ("diffusers", "core"):
+            q = results.get((op, s, peer, "untiled"))
+            if q and q["time"] > 0 and q["peak"] > 0:
+                cells.append(f"{peer} {r['time'] / q['time']:.2f} time, {r['peak'] / q['peak']:.2f} peak")
+        print(f"{op:6} {'x'.join(map(str, s)):>12} | ours {mode:8} | " + ("; ".join(cells) or "no peer measured"))
 
 
 if __name__ == "__main__":
