@@ -168,8 +168,9 @@ class Conv(Layer):
 
     def banded(self, shape) -> bool:
         """Whether an input of ``shape`` runs in bands of rows (``band_conv``): maps of more than BAND_ELEMENTS,
-        input or output."""
-        if len(shape) != 4:
+        input or output, and convs doing at least BAND_MACS multiply-adds per output (a band costs a copy of its
+        input and of its output: TAESD's 64-channel convs ran 15 % slower banded)."""
+        if len(shape) != 4 or self.m.in_channels // self.m.groups * self.k[0] * self.k[1] < BAND_MACS:
             return False
         h, w = self.size(shape[2:])
         return max(math.prod(shape), shape[0] * self.m.out_channels * h * w) > BAND_ELEMENTS
@@ -607,6 +608,7 @@ class Norm(Layer):
 # On SD1-config KL at 512² that halves the decode's peak and takes 0.4 off the encode's, at the same speed
 # (bench/bench_peers.py).
 BAND_ELEMENTS = 1 << 22
+BAND_MACS = 1024
 
 
 def fuses(norm: Layer, conv: Layer, shape) -> bool:
