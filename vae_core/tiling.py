@@ -427,12 +427,14 @@ def _bytes(dtype) -> int:
 BAND_WORK = 4
 
 
-def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False) -> tuple[int, tuple[int, int], int]:
+def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False,
+               banded: bool = True) -> tuple[int, tuple[int, int], int]:
     """Run a description on shapes only, as ``Layer.eager`` runs it on tensors -> (channels out, size out, peak
     elements the op allocates at once, its output included; its input is the caller's).
 
     Chains free each intermediate once the next exists; a residual holds its main branch's output while the skip
-    runs; ops that may overwrite an owned input allocate nothing then."""
+    runs; ops that may overwrite an owned input allocate nothing then. ``banded``: large convs run in bands as
+    ``Layer.eager`` runs them (False for a tile's ops, which ``apply`` runs whole)."""
     def n(ch, s):
         return ch * s[0] * s[1]
 
@@ -440,17 +442,17 @@ def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False)
         peak, held, subs, i = 0, 0, layer.layers, 0
         while i < len(subs):
             mine = own or i > 0
-            if i + 1 < len(subs) and ops.fuses(subs[i], subs[i + 1], (1, c, *hw)):  # the norm allocates nothing
+            if banded and i + 1 < len(subs) and ops.fuses(subs[i], subs[i + 1], (1, c, *hw)):  # the norm allocates nothing
                 i += 1
-            c, hw_out, p = eager_peak(subs[i], c, hw, mine)
+            c, hw_out, p = eager_peak(subs[i], c, hw, mine, banded)
             peak, held, hw, i = max(peak, held + p), n(c, hw_out), hw_out, i + 1
         return c, hw, peak
     if isinstance(layer, ops.Residual):
-        c2, hw2, peak = eager_peak(layer.main, c, hw)
-        if layer.banded_skip((1, c2, *hw2)):
+        c2, hw2, peak = eager_peak(layer.main, c, hw, False, banded)
+        if banded and layer.banded_skip((1, c2, *hw2)):
             peak = max(peak, n(c2, hw2) + BAND_WORK * ops.BAND_ELEMENTS)
         elif layer.skip.layers:
-            peak = max(peak, n(c2, hw2) + eager_peak(layer.skip, c, hw, own)[2])
+            peak = max(peak, n(c2, hw2) + eager_peak(layer.skip, c, hw, own, banded)[2])
         return c2, hw2, peak
     if isinstance(layer, (ops.Attention, ops.FrameAttention)):  # tokens, q, k, v, out, a copy, one score block
         tokens = hw[0] * hw[1]
@@ -461,13 +463,14 @@ def eager_peak(layer: ops.Layer, c: int, hw: tuple[int, int], own: bool = False)
     if isinstance(layer, ops.Blend):  # x * m, feature * (1 - m), their sum
         return c, hw, 3 * n(c, hw)
     c2, hw2 = layer.channels(c), layer.size(hw)
-    if isinstance(layer, ops.Conv) and not layer._pointwise() and layer.banded((1, c, *hw)):
+    if banded and isinstance(layer, ops.Conv) and not layer._pointwise() and layer.banded((1, c, *hw)):
         in_place = own and layer.s == (1, 1) and (c2, hw2) == (c, hw) and layer.k[0] - 1 >= layer.pad[2]
         return c2, hw2, (0 if in_place else n(c2, hw2)) + BAND_WORK * ops.BAND_ELEMENTS
     if isinstance(layer, ops.Conv):
         return c2, hw2, n(c2, hw2) + (n(c, (hw[0] + 1, hw[1] + 1)) if layer.explicit_pad else 0)
     if isinstance(layer, ops.UpConv):  # the padded input, the output and one phase (of a band, on large maps)
-        return c2, hw2, n(c2, hw2) + min(n(c, (hw[0] + 2, hw[1] + 2)) + n(c2, hw2) // 4, BAND_WORK * ops.BAND_ELEMENTS)
+        whole = n(c, (hw[0] + 2, hw[1] + 2)) + n(c2, hw2) // 4
+        return c2, hw2, n(c2, hw2) + (min(whole, BAND_WORK * ops.BAND_ELEMENTS) if banded else whole)
     if isinstance(layer, ops.Module):  # a per-pixel norm: a squared copy (and a clone when it may not overwrite)
         return c2, hw2, n(c2, hw2) * (1 if own else 2)
     if isinstance(layer, ops.Fn) and not isinstance(layer, stream.Affine):
@@ -497,7 +500,7 @@ def _sweep_work(runner: stream.Runner, s: stream.Sweep, r: ops.Region, batch: in
         c = runner.p.bufs[name].channels
         n = layer.need(r)
         read = c * n.h * n.w
-        c_out, _, p = eager_peak(layer, c, (n.h, n.w), own=True)
+        c_out, _, p = eager_peak(layer, c, (n.h, n.w), own=True, banded=False)  # a tile's ops run whole
         peak = max(peak, done + read + p)
         done += c_out * r.h * r.w
     return peak * batch
