@@ -1,11 +1,11 @@
-"""Speed (and CUDA peak memory) of vae_core's AutoencoderTiny against its peers, measured in the same run.
+"""Speed and peak memory of vae_core's AutoencoderTiny against its peers, measured in the same run.
 
 Peers, all holding the same seeded random weights at the released TAESD layout (4 latent channels):
 - diffusers ``AutoencoderTiny`` (encode(x).latents / decode(z).sample)
 - ComfyUI core ``comfy.taesd.taesd.TAESD`` from ``.host/ComfyUI`` (skipped when that checkout is absent)
 Ours is timed through the public API (``VAE.encode``/``VAE.decode``: input checks, raw<->diffusion scaling) and
 as the bare network (``ours-net``).
-Ratios are ours / peer time: below 1.0 means ours is faster.
+Ratios are ours / peer (time, peak memory rise over the call): below 1.0 means ours is faster or lighter.
 
     .venv/bin/python bench/bench_tiny.py --size 512 --reps 5            # CPU fp32
     .venv/bin/python bench/bench_tiny.py --device cuda --dtype fp16 --size 1024
@@ -13,51 +13,45 @@ Ratios are ours / peer time: below 1.0 means ours is faster.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
+# a fixed mmap threshold: freed activations go back to the OS, so one call's peak-RSS rise is its own
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
+import torch  # noqa: E402
+
+from measure import one_call  # noqa: E402
 from vae_core import load_vae  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def timed(impls: dict, reps: int, device: torch.device) -> dict[str, tuple[float, float | None]]:
-    """name -> (median seconds, CUDA peak MiB or None). Warm-up call each, then the reps round-robin, so that
-    load drifting on a shared machine hits every implementation alike."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    peaks: dict[str, float | None] = {}
+def timed(impls: dict, reps: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds, peak memory rise in MiB: resident memory on CPU, allocated memory on CUDA). A
+    warm-up call each, then ``reps`` rounds in an order rotating every round, so that load drifting on a shared
+    machine hits every implementation alike."""
+    names = list(impls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, int] = {name: 0 for name in names}
     with torch.inference_mode():
-        for name, fn in impls.items():
-            fn()
-            sync()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                fn()
-                sync()
-                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
-            else:
-                peaks[name] = None
-        for _ in range(reps):
-            for name, fn in impls.items():
-                t = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in impls}
+        for name in names:
+            impls[name]()
+        for r in range(reps):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                dt, pk = one_call(impls[name], device)
+                times[name].append(dt)
+                peaks[name] = max(peaks[name], pk)
+    return {name: (statistics.median(times[name]), peaks[name] / 2**20) for name in names}
 
 
 def comfy_peer(ref_sd: dict, device: torch.device, dtype: torch.dtype):
@@ -128,13 +122,10 @@ def main() -> None:
     for op, impls in runs.items():
         res = timed(impls, a.reps, device)
         t_ours, m_ours = res["ours"]
-        line = f"{op:6s} ours {t_ours * 1e3:8.1f} ms" + (f" peak {m_ours:7.0f} MiB" if m_ours is not None else "")
+        line = f"{op:6s} ours {t_ours * 1e3:8.1f} ms peak {m_ours:6.0f} MiB"
         for name, (t, m) in res.items():
-            if name == "ours":
-                continue
-            line += f" | {name} {t * 1e3:8.1f} ms ratio {t_ours / t:.2f}"
-            if m is not None:
-                line += f" peak {m:7.0f} MiB ({m_ours / m:.2f})"
+            if name != "ours":
+                line += f" | {name} {t * 1e3:8.1f} ms {m:6.0f} MiB, ratio time {t_ours / t:.2f} peak {m_ours / max(m, 1e-9):.2f}"
         print(line)
 
 

@@ -78,6 +78,11 @@ VARIANT_FACTORS = ("scaling_factor", "shift_factor")
 
 CLAMP = 3.0  # the decoder squashes its input into (-3, 3) with 3*tanh(z/3)
 
+# Both networks run channels_last inside and hand back a contiguous map: the 64-channel 3x3 convs ran 26-35 %
+# faster that way on CPU than in NCHW (bench/bench_tiny.py, README).
+TO_CHANNELS_LAST = Fn(lambda x, own: x.contiguous(memory_format=torch.channels_last))
+TO_CONTIGUOUS = Fn(lambda x, own: x.contiguous())
+
 
 # --------------------------------------------------------------------------------------------------
 # Model
@@ -142,7 +147,7 @@ class EncoderTiny(Described):
         self.downscale = 2 ** (len(stem) + len(num_blocks) - 1)
 
     def describe(self):
-        return [Fn(lambda x, own: x.add(1).div(2)), self.layers]  # TAESD works on [0, 1] images
+        return [Fn(lambda x, own: x.add(1).div(2)), TO_CHANNELS_LAST, self.layers, TO_CONTIGUOUS]  # on [0, 1] images
 
 
 class DecoderTiny(Described):
@@ -168,7 +173,8 @@ class DecoderTiny(Described):
         ups = [m for m in self.layers if isinstance(m, Upsample)]
         dropped = set(map(id, ups[len(ups) - skip_upsamples:])) if skip_upsamples else set()
         layers = [m for m in self.layers if id(m) not in dropped]
-        return [Fn(lambda z, own: torch.tanh(z / CLAMP) * CLAMP), *layers, Fn(lambda x, own: x.mul(2).sub(1))]
+        return [Fn(lambda z, own: torch.tanh(z / CLAMP) * CLAMP), TO_CHANNELS_LAST, *layers, TO_CONTIGUOUS,
+                Fn(lambda x, own: x.mul(2).sub(1))]
 
 
 class AutoencoderTiny(nn.Module):
