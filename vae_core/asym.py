@@ -25,7 +25,7 @@ from . import kl
 from .convert import rename_keys
 from .errors import VAEError
 from .family import Family
-from .ops import Blend, Chain, EagerContext, Norm
+from .ops import TO_CHANNELS_LAST, TO_CONTIGUOUS, Blend, Chain, EagerContext, Norm
 from .vae import check_images
 
 # The diffusers config fields that change the model, with diffusers' defaults.
@@ -104,7 +104,8 @@ class MaskConditionDecoder(kl.Decoder):
             return super().describe()
         blend = Blend(self.condition_encoder.layers)
         ups = [layer for block in self.up_blocks for layer in (blend, block)]
-        return [self.conv_in, self.mid_block, *ups, blend, Norm(self.conv_norm_out, "silu"), self.conv_out]
+        return [TO_CHANNELS_LAST, self.conv_in, self.mid_block, *ups, blend, Norm(self.conv_norm_out, "silu"),
+                self.conv_out, TO_CONTIGUOUS]
 
 
 class AsymmetricAutoencoderKL(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 from .blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, group_norm
 from .convert import rename_keys, squeeze_linear
 from .family import Family
-from .ops import Chain, Described, EagerContext, Norm
+from .ops import TO_CHANNELS_LAST, TO_CONTIGUOUS, Chain, Described, EagerContext, Norm
 
 # The diffusers config fields that change the model, with diffusers' defaults.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -68,7 +68,8 @@ class Encoder(Described):
         self.conv_out = nn.Conv2d(ch[-1], 2 * latent_channels if double_z else latent_channels, 3, padding=1)
 
     def describe(self):
-        return [self.conv_in, *self.down_blocks, self.mid_block, Norm(self.conv_norm_out, "silu"), self.conv_out]
+        return [TO_CHANNELS_LAST, self.conv_in, *self.down_blocks, self.mid_block, Norm(self.conv_norm_out, "silu"),
+                self.conv_out, TO_CONTIGUOUS]
 
 
 class Decoder(Described):
@@ -86,7 +87,8 @@ class Decoder(Described):
         self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
 
     def describe(self):
-        return [self.conv_in, self.mid_block, *self.up_blocks, Norm(self.conv_norm_out, "silu"), self.conv_out]
+        return [TO_CHANNELS_LAST, self.conv_in, self.mid_block, *self.up_blocks, Norm(self.conv_norm_out, "silu"),
+                self.conv_out, TO_CONTIGUOUS]
 
 
 class AutoencoderKL(nn.Module):

@@ -55,25 +55,31 @@ def gn_act(norm: torch.nn.GroupNorm, key: str, act: str | None) -> Callable:
 
 # ================================================================================================ stores
 class RamBuffer:
+    """A map in memory. It takes the layout of the first tile written into it (a channels_last network's maps
+    stay channels_last, so its tiles are read without a layout change)."""
+
     def __init__(self, shape, dtype, device, pin=False, data: torch.Tensor | None = None):
-        if data is None:
-            data = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin and device == "cpu")
         self.data = data
-        self.shape = tuple(data.shape)
+        self.shape = tuple(data.shape) if data is not None else tuple(shape)
+        self._alloc = (dtype, device, pin and device == "cpu")
 
     def read(self, r: Region, device, dtype) -> torch.Tensor:
         hw = self.shape[-2:]
         v = r.clip(hw)
-        if v.h <= 0 or v.w <= 0:
-            return torch.zeros(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype)
+        fmt = ops.layout(self.data) if self.data is not None else torch.contiguous_format
+        if v.h <= 0 or v.w <= 0 or self.data is None:
+            return torch.empty(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype, memory_format=fmt).zero_()
         part = self.data[..., v.y0:v.y1, v.x0:v.x1]
         if v == r:
-            return part.to(device=device, dtype=dtype, non_blocking=True, copy=True)
-        out = torch.zeros(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype)
+            return part.to(device=device, dtype=dtype, non_blocking=True, copy=True, memory_format=fmt)
+        out = torch.empty(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype, memory_format=fmt).zero_()
         out[..., v.y0 - r.y0: v.y1 - r.y0, v.x0 - r.x0: v.x1 - r.x0].copy_(part)
         return out
 
     def write(self, r: Region, t: torch.Tensor) -> None:
+        if self.data is None:
+            dtype, device, pin = self._alloc
+            self.data = torch.empty(self.shape, dtype=dtype, device=device, pin_memory=pin, memory_format=ops.layout(t))
         self.data[..., r.y0:r.y1, r.x0:r.x1].copy_(t)
 
     def close(self):

@@ -34,7 +34,7 @@ from torch import nn
 from .convert import WeightParts, rename_keys
 from .errors import VAEError
 from .family import Family
-from .ops import Chain, Described, EagerContext, Fn, Norm, Residual, Up, act
+from .ops import TO_CHANNELS_LAST, TO_CONTIGUOUS, Chain, Described, EagerContext, Fn, Norm, Residual, Up, act
 
 DEFAULT_CONFIG: dict[str, Any] = {
     # diffusers AutoencoderTiny fields
@@ -77,11 +77,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 VARIANT_FACTORS = ("scaling_factor", "shift_factor")
 
 CLAMP = 3.0  # the decoder squashes its input into (-3, 3) with 3*tanh(z/3)
-
-# Both networks run channels_last inside and hand back a contiguous map: the 64-channel 3x3 convs ran 26-35 %
-# faster that way on CPU than in NCHW (bench/bench_tiny.py, README).
-TO_CHANNELS_LAST = Fn(lambda x, own: x.contiguous(memory_format=torch.channels_last))
-TO_CONTIGUOUS = Fn(lambda x, own: x.contiguous())
 
 
 # --------------------------------------------------------------------------------------------------
