@@ -22,8 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-# a fixed mmap threshold: freed activations go back to the OS, so one call's peak-RSS rise is its own
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+# a fixed mmap threshold: freed activations go back to the OS, so one call's peak-RSS rise is its own. It costs
+# every implementation page faults on each fresh buffer; --malloc-default keeps glibc's adaptive threshold (as
+# ComfyUI runs), for times as users see them (peaks then include memory the heap reuses)
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and "--malloc-default" not in sys.argv:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tiled", type=int, default=0, help="also our exact tiled decode, RAM store, this tile (px)")
+    ap.add_argument("--malloc-default", action="store_true", help="glibc's adaptive mmap threshold (see above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     a = ap.parse_args()
@@ -86,7 +89,8 @@ def main() -> None:
     ref = ref.to(device, dtype)
     print(f"AutoencoderKL SD1 config, seeded weights, {device} {a.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {a.rounds} rounds interleaved (order rotating), medians; "
-          f"peak = rise of {'allocated device memory' if device.type == 'cuda' else 'resident memory'} over the call")
+          f"peak = rise of {'allocated device memory' if device.type == 'cuda' else 'resident memory'} over the call"
+          + ("; glibc's adaptive mmap threshold" if a.malloc_default else ""))
     mib = 2 ** 20
     for size in a.sizes:
         g = torch.Generator().manual_seed(1)
