@@ -606,6 +606,21 @@ def group_affine(norm: torch.nn.GroupNorm, mom: torch.Tensor, dtype: torch.dtype
     return scale.to(dtype)[..., None, None], shift.to(dtype)[..., None, None]
 
 
+def affine_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: str | None,
+               out: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+    """``act(x * scale + shift)`` for a per-channel scale and shift (a GroupNorm whose statistics are known): into
+    ``out``, into x itself (``inplace``), or into a new tensor."""
+    if out is not None:
+        y = torch.addcmul(shift, x, scale, out=out)
+    else:
+        y = x.mul_(scale).add_(shift) if inplace else torch.addcmul(shift, x, scale)
+    if activation:
+        z = ACTIVATIONS[activation](y, True)
+        if z is not y:  # an activation that does not work in place
+            y.copy_(z)
+    return y
+
+
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)``. A channels_last map is normed with its exact moments (``moments``): torch's channels_last
     GroupNorm kernel lost 0.4 on a flat map (tests/test_kl.py) and ran slower than the NCHW one. Under autograd
@@ -702,11 +717,7 @@ def norm_conv(norm: Norm, conv: Conv, x: torch.Tensor, own: bool = False) -> tor
     scale, shift = group_affine(norm.norm, moments(x), x.dtype)
 
     def pre(src, dst):
-        torch.addcmul(shift, src, scale, out=dst)
-        if norm.act:
-            y = ACTIVATIONS[norm.act](dst, True)
-            if y is not dst:
-                dst.copy_(y)
+        affine_act(src, scale, shift, norm.act, out=dst)
 
     return band_conv(conv, x, pre, own)
 

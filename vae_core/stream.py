@@ -47,8 +47,7 @@ def gn_act(norm: torch.nn.GroupNorm, key: str, act: str | None) -> Callable:
 
     def fn(x, ctx, inplace=False):
         scale, shift = ctx.affine(norm, key, x.dtype, x.device)
-        y = x.mul_(scale).add_(shift) if inplace else torch.addcmul(shift, x, scale)
-        return ops.ACTIVATIONS[act](y, True) if act else y
+        return ops.affine_act(x, scale, shift, act, inplace=inplace)
 
     return fn
 
