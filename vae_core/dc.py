@@ -268,7 +268,7 @@ class DCUpBlock2d(Described):
 
     def describe(self):
         main = [UpConv(self.conv)] if self.interpolate else [self.conv, PixelShuffle(2)]
-        return [Residual(main, [repeat_channels(self.repeats), PixelShuffle(2)])] if self.shortcut else main
+        return [Residual(main, [PixelShuffle(2, self.repeats)])] if self.shortcut else main
 
 
 def _per_stage(value, n: int) -> list:

@@ -340,14 +340,30 @@ class Subsample(Layer):
 
 
 class PixelShuffle(Layer):
-    """``F.pixel_shuffle(x, f)``: channels to space."""
+    """``F.pixel_shuffle(x, f)``: channels to space. ``repeats``: every input channel repeated that many times first
+    (``x.repeat_interleave(repeats, 1)``, DC-AE's up-block shortcut), written in one copy where the repeat is a
+    broadcast: for f = 2, 2 repeats make output channel c at sub-pixel row a read input channel 2c + a, and 4m
+    repeats make it read channel c // m."""
 
-    def __init__(self, factor: int = 2):
-        self.f = factor
+    def __init__(self, factor: int = 2, repeats: int = 1):
+        self.f, self.repeats = factor, repeats
         self.scale = float(factor)
 
+    def shuffle(self, x: torch.Tensor) -> torch.Tensor:
+        n, f = self.repeats, self.f
+        b, c, h, w = x.shape
+        if n == 1:
+            return F.pixel_shuffle(x, f)
+        if f == 2 and n == 2:
+            y = x.view(b, c // 2, 2, h, 1, w, 1).permute(0, 1, 3, 2, 5, 4, 6)
+            return y.expand(b, c // 2, h, 2, w, 1, 2).reshape(b, c // 2, 2 * h, 2 * w)
+        if f == 2 and n % 4 == 0:
+            m = n // 4
+            return x.view(b, c, 1, h, 1, w, 1).expand(b, c, m, h, 2, w, 2).reshape(b, c * m, 2 * h, 2 * w)
+        return F.pixel_shuffle(x.repeat_interleave(n, dim=1), f)
+
     def eager(self, x, own, ctx):
-        return F.pixel_shuffle(x, self.f)
+        return self.shuffle(x)
 
     def size(self, hw):
         return hw[0] * self.f, hw[1] * self.f
@@ -358,10 +374,10 @@ class PixelShuffle(Layer):
 
     def apply(self, x, have, r, hw_in, ctx):
         n = self.need(r)
-        return crop(F.pixel_shuffle(crop(x, have, n), self.f), n.scale(self.f), r)
+        return crop(self.shuffle(crop(x, have, n)), n.scale(self.f), r)
 
     def channels(self, c):
-        return c // (self.f * self.f)
+        return c * self.repeats // (self.f * self.f)
 
 
 class PixelUnshuffle(Layer):
