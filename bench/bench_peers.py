@@ -16,25 +16,19 @@ memory management) from ``.host/ComfyUI``, and diffusers ``AutoencoderKL``. Ours
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-# a fixed mmap threshold: freed activations go back to the OS, so one call's peak-RSS rise is its own. It costs
-# every implementation page faults on each fresh buffer; --malloc-default keeps glibc's adaptive threshold (as
-# ComfyUI runs), for times as users see them (peaks then include memory the heap reuses)
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and "--malloc-default" not in sys.argv:
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
-import torch  # noqa: E402
+from measure import fix_mmap_threshold, one_call  # noqa: E402
 
-from measure import one_call  # noqa: E402
+fix_mmap_threshold(sys.argv, unless="--malloc-default")
+
+import torch  # noqa: E402
 
 SD1 = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
@@ -69,7 +63,7 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tiled", type=int, default=0, help="also our exact tiled decode, RAM store, this tile (px)")
-    ap.add_argument("--malloc-default", action="store_true", help="glibc's adaptive mmap threshold (see above)")
+    ap.add_argument("--malloc-default", action="store_true", help="glibc's adaptive mmap threshold (measure.py)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     a = ap.parse_args()

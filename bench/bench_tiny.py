@@ -13,24 +13,21 @@ Ratios are ours / peer (time, peak memory rise over the call): below 1.0 means o
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-# a fixed mmap threshold: freed activations go back to the OS, so one call's peak-RSS rise is its own
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
+from measure import fix_mmap_threshold, one_call  # noqa: E402
+
+fix_mmap_threshold(sys.argv)
+
 import torch  # noqa: E402
 
-from measure import one_call  # noqa: E402
 from vae_core import load_vae  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -5,6 +5,19 @@ import threading
 import time
 
 
+def fix_mmap_threshold(argv: list[str], unless: str | None = None) -> None:
+    """Re-run this script with a fixed mmap threshold (before torch is imported): freed activations then go back
+    to the OS, so one call's peak-RSS rise is its own. It costs every implementation page faults on each fresh
+    buffer. ``unless``: a flag that keeps glibc's adaptive threshold (as ComfyUI runs), for times as users see
+    them (peaks then include memory the heap reuses)."""
+    import os
+    import sys
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and (unless is None or unless not in argv):
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *argv])
+
+
 def rss() -> int:
     import psutil
     return psutil.Process().memory_info().rss

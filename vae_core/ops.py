@@ -637,14 +637,14 @@ def affine_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activa
     return y
 
 
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)``. A channels_last map is normed with its exact moments (``moments``): torch's channels_last
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    """``act(norm(x))``. A channels_last map is normed with its exact moments (``moments``): torch's channels_last
     GroupNorm kernel lost 0.4 on a flat map (tests/test_kl.py) and ran slower than the NCHW one. Under autograd
     the map goes back to NCHW (``moments`` writes into buffers)."""
-    if not channels_last(x) or (x.requires_grad and torch.is_grad_enabled()):
-        return norm(x.contiguous())
-    scale, shift = group_affine(norm, moments(x), x.dtype)
-    return torch.addcmul(shift, x, scale)
+    if channels_last(x) and not (x.requires_grad and torch.is_grad_enabled()):
+        return affine_act(x, *group_affine(norm, moments(x), x.dtype), activation)
+    y = norm(x.contiguous())
+    return ACTIVATIONS[activation](y, True) if activation else y
 
 
 class Norm(Layer):
@@ -660,8 +660,7 @@ class Norm(Layer):
         act(activation)  # unknown names are refused when the network is described
 
     def eager(self, x, own, ctx):
-        y = group_norm(self.norm, x)
-        return ACTIVATIONS[self.act](y, True) if self.act else y
+        return group_norm(self.norm, x, self.act)
 
 
 # ================================================================================================ banded eager ops

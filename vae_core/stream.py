@@ -63,16 +63,14 @@ class RamBuffer:
         self._alloc = (dtype, device, pin and device == "cpu")
 
     def read(self, r: Region, device, dtype) -> torch.Tensor:
-        hw = self.shape[-2:]
-        v = r.clip(hw)
+        v = r.clip(self.shape[-2:])
         fmt = ops.layout(self.data) if self.data is not None else torch.contiguous_format
-        if v.h <= 0 or v.w <= 0 or self.data is None:
-            return torch.empty(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype, memory_format=fmt).zero_()
-        part = self.data[..., v.y0:v.y1, v.x0:v.x1]
-        if v == r:
-            return part.to(device=device, dtype=dtype, non_blocking=True, copy=True, memory_format=fmt)
+        if v == r and self.data is not None:
+            return self.data[..., v.y0:v.y1, v.x0:v.x1].to(device=device, dtype=dtype, non_blocking=True, copy=True,
+                                                             memory_format=fmt)
         out = torch.empty(self.shape[:2] + (r.h, r.w), device=device, dtype=dtype, memory_format=fmt).zero_()
-        out[..., v.y0 - r.y0: v.y1 - r.y0, v.x0 - r.x0: v.x1 - r.x0].copy_(part)
+        if v.h > 0 and v.w > 0 and self.data is not None:
+            out[..., v.y0 - r.y0: v.y1 - r.y0, v.x0 - r.x0: v.x1 - r.x0].copy_(self.data[..., v.y0:v.y1, v.x0:v.x1])
         return out
 
     def write(self, r: Region, t: torch.Tensor) -> None:
