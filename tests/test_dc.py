@@ -23,7 +23,7 @@ from diffusers import AutoencoderDC as DiffusersDC  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoint_to_diffusers  # noqa: E402
 
 from vae_core import VAEError, load_vae  # noqa: E402
-from vae_core import dc  # noqa: E402
+from vae_core import dc, ops  # noqa: E402
 
 # architecture -> (variant diffusers' single-file loader assumes, image size)
 ARCHS = {
@@ -281,6 +281,18 @@ def test_scaling_and_variant_override(sana):
     with pytest.raises(VAEError, match="unknown dc variant"):
         load_vae(sana.sd, variant="dc-ae-f32c32-sana-2.0")
 
+
+
+@pytest.mark.parametrize("group", [2, 4, 8, 16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_down_shortcut_equals_unshuffle_then_mean(group, fmt):
+    """The down-block shortcut computed from average pools equals diffusers' pixel-unshuffle, then the mean of each
+    group of channels, in either layout, and keeps the layout."""
+    x = torch.randn(2, 16, 12, 10, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
+    want = torch.nn.functional.pixel_unshuffle(x, 2).unflatten(1, (-1, group)).mean(dim=2)
+    got = ops.PixelUnshuffle(2, group).eager(x, False, None)
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-6
+    assert ops.layout(got) == ops.layout(x) or group > 4
 
 @pytest.mark.slow  # bf16 convolutions are very slow on CPUs without bf16 units (~20-50 s here)
 @pytest.mark.parametrize("size", [8, 4])  # 64 tokens: linear attention; 16 tokens: quadratic

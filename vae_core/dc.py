@@ -35,7 +35,8 @@ from torch import nn
 from .convert import rename_keys, replace_substrings, squeeze_linear
 from .errors import VAEError
 from .family import Family
-from .ops import (Described, Fn, LinearAttention, Module, PixelShuffle, PixelUnshuffle, Residual, UpConv, act)
+from .ops import (TO_CHANNELS_LAST, TO_CONTIGUOUS, Described, Fn, LinearAttention, Module, PixelShuffle,
+                  PixelUnshuffle, Residual, UpConv, act, channels_last)
 
 # The diffusers config fields that change the model, with diffusers' defaults.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -113,7 +114,7 @@ VARIANT_FACTORS = ("scaling_factor", "force_upcast")
 # Building blocks, each described in ``ops`` layers (the untiled forward and the tiled executor run that).
 
 class RMSNorm2d(nn.Module):
-    """RMS norm over the channels of an NCHW map, with weight and bias; the mean square is taken in float32.
+    """RMS norm over the channels of a map, with weight and bias; the mean square is taken in float32.
 
     Normalises its input in place when that is float32 (``ops.Module(..., overwrites=True)`` hands it a tensor it
     owns)."""
@@ -127,11 +128,19 @@ class RMSNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight.view(1, -1, 1, 1), self.bias.view(1, -1, 1, 1)
         if x.dtype == torch.float32:
-            scale = x.square().mean(1, keepdim=True).add_(self.eps).rsqrt_()
-            return x.mul_(scale).mul_(w).add_(b)
+            return x.mul_(self._scale(x)).mul_(w).add_(b)
         x32 = x.float()
-        x32 = x32 * x32.square().mean(1, keepdim=True).add_(self.eps).rsqrt_()
+        x32 = x32 * self._scale(x32)
         return torch.addcmul(b, x32.to(w.dtype), w)
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / RMS over the channels of a float32 map. On a channels_last map from the norm of each pixel's
+        channel row (15x faster than the mean of the squares there, which is faster on NCHW)."""
+        if channels_last(x):
+            ms = torch.linalg.vector_norm(x, 2, 1, keepdim=True).square_().div_(x.shape[1])
+        else:
+            ms = x.square().mean(1, keepdim=True)
+        return ms.add_(self.eps).rsqrt_()
 
 
 def make_norm(norm_type: str, channels: int) -> nn.Module:
@@ -252,7 +261,7 @@ class DCDownBlock2d(Described):
 
     def describe(self):
         main = [self.conv, PixelUnshuffle(2) if self.pixel_unshuffle else None]
-        return [Residual(main, [PixelUnshuffle(2), group_mean(self.group)])] if self.shortcut else main
+        return [Residual(main, [PixelUnshuffle(2, self.group)])] if self.shortcut else main
 
 
 class DCUpBlock2d(Described):
@@ -299,7 +308,7 @@ class Encoder(Described):
 
     def describe(self):
         out = Residual([self.conv_out], [group_mean(self.out_group)]) if self.out_group else self.conv_out
-        return [self.conv_in, *self.down_blocks, out]
+        return [TO_CHANNELS_LAST, self.conv_in, *self.down_blocks, out, TO_CONTIGUOUS]
 
 
 class Decoder(Described):
@@ -333,7 +342,8 @@ class Decoder(Described):
 
     def describe(self):
         first = Residual([self.conv_in], [repeat_channels(self.in_repeats)]) if self.in_repeats else self.conv_in
-        return [first, *reversed(self.up_blocks), norm_op(self.norm_out), act(self.conv_act), self.conv_out]
+        return [TO_CHANNELS_LAST, first, *reversed(self.up_blocks), norm_op(self.norm_out), act(self.conv_act),
+                self.conv_out, TO_CONTIGUOUS]
 
 
 def _check_config(cfg: Mapping[str, Any]) -> None:

@@ -139,12 +139,13 @@ def layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last(x) else torch.contiguous_format
 
 
-def _matmul_1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 convolution as one matrix product (faster than conv2d on CPU). A channels_last map stays one: the
-    product runs over its (pixels, channels) rows."""
+def conv_1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution (``weight`` (O, C) or (O, C, 1, 1)). oneDNN's convolution beat a matrix product at every
+    shape of our networks on a channels_last map (1.5-2.5x, and it keeps the layout) and on NCHW maps of 512
+    channels and more (up to 2x); below that, on NCHW maps, the matrix product is faster."""
     b, c, h, w = x.shape
-    if channels_last(x):
-        return F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], c), bias).permute(0, 3, 1, 2)
+    if channels_last(x) or c >= 512:
+        return F.conv2d(x, weight.reshape(weight.shape[0], c, 1, 1), bias)
     flat = x.reshape(b, c, h * w)
     weight = weight.reshape(weight.shape[0], c)
     if bias is None:
@@ -191,7 +192,7 @@ class Conv(Layer):
     def eager(self, x, own, ctx):
         m = self.m
         if self._pointwise():
-            return _matmul_1x1(x, m.weight, m.bias)
+            return conv_1x1(x, m.weight, m.bias)
         if self.banded(x.shape):
             return band_conv(self, x, None, own)
         if self.explicit_pad is not None:
@@ -216,7 +217,7 @@ class Conv(Layer):
         x = zero_outside(x, n, hw_in, inplace=self.inplace or self.pre is not None)
         m = self.m
         if self._pointwise():
-            return _matmul_1x1(x, m.weight, m.bias)
+            return conv_1x1(x, m.weight, m.bias)
         return F.conv2d(x, m.weight, m.bias, self.s, 0, 1, m.groups)
 
     def channels(self, c):
@@ -381,14 +382,32 @@ class PixelShuffle(Layer):
 
 
 class PixelUnshuffle(Layer):
-    """``F.pixel_unshuffle(x, f)``: space to channels (the buffer's size must be a multiple of f)."""
+    """``F.pixel_unshuffle(x, f)``: space to channels (the buffer's size must be a multiple of f). ``group``: then
+    the mean of every ``group`` consecutive channels (DC-AE's down-block shortcut), computed without the
+    unshuffled map where f = 2: with 2 channels a group is a pixel and its right neighbour, with 4m it is the 2x2
+    blocks of m channels (average pools, exact, and 3x faster on a channels_last map)."""
 
-    def __init__(self, factor: int = 2):
-        self.f = factor
+    def __init__(self, factor: int = 2, group: int = 1):
+        self.f, self.group = factor, group
         self.scale = 1.0 / factor
 
+    def unshuffle(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.group
+        if g == 1:
+            return F.pixel_unshuffle(x, self.f)
+        b, c, h, w = x.shape
+        if self.f == 2 and g == 2:  # channel 2c + a: input channel c, rows 2i + a, the mean of columns 2j, 2j + 1
+            pairs = F.avg_pool2d(x, (1, 2))
+            out = torch.empty((b, 2 * c, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=layout(x))
+            out.view(b, c, 2, h // 2, w // 2).copy_(pairs.view(b, c, h // 2, 2, w // 2).transpose(2, 3))
+            return out
+        if self.f == 2 and g % 4 == 0:
+            blocks = F.avg_pool2d(x, 2)
+            return blocks if g == 4 else blocks.unflatten(1, (-1, g // 4)).mean(dim=2)
+        return F.pixel_unshuffle(x, self.f).unflatten(1, (-1, g)).mean(dim=2)
+
     def eager(self, x, own, ctx):
-        return F.pixel_unshuffle(x, self.f)
+        return self.unshuffle(x)
 
     def size(self, hw):
         return hw[0] // self.f, hw[1] // self.f
@@ -397,10 +416,10 @@ class PixelUnshuffle(Layer):
         return r.scale(self.f)
 
     def apply(self, x, have, r, hw_in, ctx):
-        return F.pixel_unshuffle(crop(x, have, self.need(r)), self.f)
+        return self.unshuffle(crop(x, have, self.need(r)))
 
     def channels(self, c):
-        return c * self.f * self.f
+        return c * self.f * self.f // self.group
 
 
 class UpConv(Layer):
@@ -719,7 +738,7 @@ def band_conv(conv: Conv, x: torch.Tensor, pre: Callable | None = None, own: boo
             buf[:, :, z - a:b - a].zero_()
         band = buf[:, :, :b - a]
         if conv._pointwise():
-            out[:, :, y0:y1] = _matmul_1x1(band, m.weight, m.bias)
+            out[:, :, y0:y1] = conv_1x1(band, m.weight, m.bias)
         else:
             out[:, :, y0:y1] = F.conv2d(band, m.weight, m.bias, conv.s, 0, 1, m.groups)
         lo, hi = a, b
@@ -823,10 +842,12 @@ class LinearAttention(Layer):
         return torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight])
 
     def eager(self, x, own, ctx):
+        fmt = layout(x)  # the heads are groups of channels viewed per pixel: the attention runs on an NCHW map
+        x = x.contiguous()
         a = self.attn
         b, c, h, w = x.shape
         n, d = h * w, a.head_dim
-        qkv = _matmul_1x1(x, self._qkv_weight(), None)
+        qkv = conv_1x1(x, self._qkv_weight(), None)
         sources = [qkv] + [ms.proj_out(ms.proj_in(qkv)) for ms in a.to_qkv_multiscale]
         out = x.new_empty(b, c * len(sources), n)
         for i, src in enumerate(sources):
@@ -847,8 +868,8 @@ class LinearAttention(Layer):
                 scores = torch.matmul(k.transpose(-1, -2), q).float()
                 scores = scores / (scores.sum(dim=2, keepdim=True) + a.eps)
                 dst.copy_(torch.matmul(v, scores.to(v.dtype)))
-        y = _matmul_1x1(out.view(b, -1, h, w), a.to_out.weight, None)
-        return a.norm_out(y).add_(x)
+        y = conv_1x1(out.view(b, -1, h, w), a.to_out.weight, None)
+        return a.norm_out(y).add_(x).contiguous(memory_format=fmt)
 
     # ---- tiled
     def need(self, r):
@@ -859,7 +880,7 @@ class LinearAttention(Layer):
         a = self.attn
         n = self.need(r)
         x = crop(x, have, n)
-        qkv = _matmul_1x1(x, self._qkv_weight(), None)
+        qkv = conv_1x1(x, self._qkv_weight(), None)
         out = [crop(qkv, n, r)]
         if a.to_qkv_multiscale:
             qz = zero_outside(qkv, n, hw_in)
@@ -891,7 +912,7 @@ class LinearAttention(Layer):
             outs.append(num_den[:, :, :d] / (num_den[:, :, d:] + a.eps))
         b = x.shape[0]
         o = torch.cat([t.reshape(b, -1, r.h * r.w) for t in outs], 1).to(x.dtype).view(b, -1, r.h, r.w)
-        y = a.norm_out(_matmul_1x1(o, a.to_out.weight, None))
+        y = a.norm_out(conv_1x1(o, a.to_out.weight, None))
         return y + crop(x, have, r)
 
 
@@ -997,7 +1018,7 @@ class CausalConv3d(Layer):
         m = self.m
         if m.kernel_size == (1, 1, 1):
             b, c, t, h, w = x.shape
-            return _matmul_1x1(x.reshape(b, c, t * h, w), m.weight, m.bias).view(b, -1, t, h, w)
+            return conv_1x1(x.reshape(b, c, t * h, w), m.weight, m.bias).view(b, -1, t, h, w)
         pad = (self.pad[1], self.pad[0]) if padding else (0, 0)
         if x.shape[2] == 1 and _fresh(ctx, self):
             # one frame after nothing (an image, or a video's first chunk): the earlier time taps read only zeros,
