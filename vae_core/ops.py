@@ -719,7 +719,10 @@ def band_conv(conv: Conv, x: torch.Tensor, pre: Callable | None = None, own: boo
         out = torch.empty((b_, m.out_channels, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=layout(x))
     rows = min(band_rows(x, b_ * max(c * w * sh, m.out_channels * w_out)), h_out)
     buf = torch.empty((b_, c, (rows - 1) * sh + kh, w + left + right), dtype=x.dtype, device=x.device,
-                      memory_format=layout(x)).zero_()
+                      memory_format=layout(x))
+    buf[..., :left].zero_()  # the zero padding: columns left and right, rows above the map (those below: per band)
+    buf[..., left + w:].zero_()
+    buf[:, :, :top].zero_()
     lo = hi = -top  # buf's first row is input row lo; input rows up to hi are in it
     for y0 in range(0, h_out, rows):
         y1 = min(h_out, y0 + rows)
