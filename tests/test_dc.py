@@ -282,7 +282,6 @@ def test_scaling_and_variant_override(sana):
         load_vae(sana.sd, variant="dc-ae-f32c32-sana-2.0")
 
 
-
 @pytest.mark.parametrize("group", [2, 4, 8, 16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_down_shortcut_equals_unshuffle_then_mean(group, fmt):
@@ -293,6 +292,7 @@ def test_down_shortcut_equals_unshuffle_then_mean(group, fmt):
     got = ops.PixelUnshuffle(2, group).eager(x, False, None)
     assert got.shape == want.shape and (got - want).abs().max().item() < 1e-6
     assert ops.layout(got) == ops.layout(x) or group > 4
+
 
 @pytest.mark.slow  # bf16 convolutions are very slow on CPUs without bf16 units (~20-50 s here)
 @pytest.mark.parametrize("size", [8, 4])  # 64 tokens: linear attention; 16 tokens: quadratic

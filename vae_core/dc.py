@@ -36,7 +36,7 @@ from .convert import rename_keys, replace_substrings, squeeze_linear
 from .errors import VAEError
 from .family import Family
 from .ops import (TO_CHANNELS_LAST, TO_CONTIGUOUS, Described, Fn, LinearAttention, Module, PixelShuffle,
-                  PixelUnshuffle, Residual, UpConv, act, channels_last)
+                  PixelUnshuffle, Residual, UpConv, act, channels_last, mean_channel_groups)
 
 # The diffusers config fields that change the model, with diffusers' defaults.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -240,7 +240,7 @@ def make_block(block_type: str, channels: int, head_dim: int, norm_type: str, ac
 
 def group_mean(group: int) -> Fn:
     """Average every ``group`` consecutive channels."""
-    return Fn(lambda x, own: x.unflatten(1, (-1, group)).mean(dim=2), lambda c: c // group)
+    return Fn(lambda x, own: mean_channel_groups(x, group), lambda c: c // group)
 
 
 def repeat_channels(n: int) -> Fn:

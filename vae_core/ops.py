@@ -381,6 +381,11 @@ class PixelShuffle(Layer):
         return c * self.repeats // (self.f * self.f)
 
 
+def mean_channel_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The mean of every ``group`` consecutive channels."""
+    return x.unflatten(1, (-1, group)).mean(dim=2)
+
+
 class PixelUnshuffle(Layer):
     """``F.pixel_unshuffle(x, f)``: space to channels (the buffer's size must be a multiple of f). ``group``: then
     the mean of every ``group`` consecutive channels (DC-AE's down-block shortcut), computed without the
@@ -403,8 +408,8 @@ class PixelUnshuffle(Layer):
             return out
         if self.f == 2 and g % 4 == 0:
             blocks = F.avg_pool2d(x, 2)
-            return blocks if g == 4 else blocks.unflatten(1, (-1, g // 4)).mean(dim=2)
-        return F.pixel_unshuffle(x, self.f).unflatten(1, (-1, g)).mean(dim=2)
+            return blocks if g == 4 else mean_channel_groups(blocks, g // 4)
+        return mean_channel_groups(F.pixel_unshuffle(x, self.f), g)
 
     def eager(self, x, own, ctx):
         return self.unshuffle(x)
